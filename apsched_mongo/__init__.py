@@ -1,0 +1,21 @@
+"""MongoDB data store and event broker for APScheduler 4."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .datastore import MongoDBDataStore
+from .errors import IndexConflictError, ServerUnreachableError, UnsupportedByMemoryBackend
+
+try:
+    __version__ = version("apsched-mongo")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "IndexConflictError",
+    "MongoDBDataStore",
+    "ServerUnreachableError",
+    "UnsupportedByMemoryBackend",
+    "__version__",
+]

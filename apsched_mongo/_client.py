@@ -1,0 +1,85 @@
+"""Turning a URI or a ready client into a database handle, without ever leaking credentials."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bson import CodecOptions, UuidRepresentation
+from bson.tz_util import utc
+from pymongo import AsyncMongoClient
+from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+from pymongo.uri_parser import parse_uri
+
+from .errors import ServerUnreachableError
+
+#: How every collection of ours decodes: aware UTC datetimes and standard UUIDs, so what a
+#: query returns compares equal to what was written.
+CODEC_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
+    tz_aware=True, tzinfo=utc, uuid_representation=UuidRepresentation.STANDARD
+)
+
+_USERINFO = re.compile(r"(?P<scheme>mongodb(?:\+srv)?://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
+
+
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with its password replaced by ``***`` (for reprs, logs and errors)."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri)
+
+
+def redact(text: str, uri: str) -> str:
+    """Remove the URI's password from any text derived from it (e.g. a driver's message)."""
+    match = _USERINFO.search(uri)
+    text = redact_uri(text)
+    if match and match["password"]:
+        text = text.replace(match["password"], "***")
+    return text
+
+
+def hosts_of(uri: str) -> list[str]:
+    """The ``host:port`` list of a URI, for error messages (never credentials)."""
+    try:
+        return [f"{host}:{port}" for host, port in parse_uri(uri, validate=False)["nodelist"]]
+    except (InvalidURI, ConfigurationError, ValueError):
+        return []
+
+
+def create_client(uri: str) -> AsyncMongoClient[dict[str, Any]]:
+    """Create a client for ``uri``; a malformed URI is reported with its password removed."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("a MongoDB URI must be a non-empty string such as 'mongodb://host:27017'")
+    if uri.startswith("mongodb+srv://"):
+        pass  # SRV URIs are resolved by the driver at connection time
+    else:
+        try:
+            parse_uri(uri)
+        except (InvalidURI, ConfigurationError, ValueError) as exc:
+            raise ValueError(
+                f"invalid MongoDB URI {redact_uri(uri)!r}: {redact(str(exc), uri)}"
+            ) from None
+    try:
+        return AsyncMongoClient(uri, tz_aware=True, uuidRepresentation="standard")
+    except (PyMongoError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"invalid MongoDB URI {redact_uri(uri)!r}: {redact(str(exc), uri)}"
+        ) from None
+
+
+def describe_hosts(client: Any) -> str:
+    """A short, credential-free description of where ``client`` points, for reprs."""
+    try:
+        nodes = client.topology_description.server_descriptions()
+        return ",".join(f"{host}:{port}" for host, port in nodes)
+    except Exception:
+        return getattr(client, "description", "?")
+
+
+async def ping(client: Any, uri: str | None) -> dict[str, Any]:
+    """Run ``hello`` once, without retrying, so an unreachable server fails fast and by name."""
+    try:
+        reply: dict[str, Any] = await client.admin.command("hello")
+    except PyMongoError as exc:
+        where = ", ".join(hosts_of(uri)) if uri else describe_hosts(client)
+        message = f"cannot reach MongoDB at {where}: {exc}"
+        raise ServerUnreachableError(redact(message, uri) if uri else message) from None
+    return reply

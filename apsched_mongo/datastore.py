@@ -1,0 +1,649 @@
+"""MongoDBDataStore: APScheduler 4's data store on PyMongo's native async API."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta
+from functools import partial
+from logging import Logger
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import attrs
+from anyio import create_task_group
+from apscheduler import (
+    ConflictingIdError,
+    ConflictPolicy,
+    DeserializationError,
+    Job,
+    JobAcquired,
+    JobAdded,
+    JobOutcome,
+    JobReleased,
+    JobResult,
+    Schedule,
+    ScheduleAdded,
+    ScheduleRemoved,
+    ScheduleResult,
+    ScheduleUpdated,
+    SerializationError,
+    Task,
+    TaskAdded,
+    TaskLookupError,
+    TaskRemoved,
+    TaskUpdated,
+)
+from apscheduler.abc import EventBroker
+from apscheduler.datastores.base import BaseExternalDataStore
+from pymongo import ASCENDING, DeleteOne, UpdateMany, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from . import _codec
+from ._client import CODEC_OPTIONS, create_client, describe_hosts, ping, redact_uri
+from ._clock import ServerClock, utc_now
+from ._indexes import IndexSpec, ensure_indexes
+from ._names import check_collection_prefix, check_database_name
+from ._retry import retrying
+
+T = TypeVar("T")
+_DUPLICATE_KEY = 11000
+JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
+
+
+@attrs.define(eq=False, repr=False)
+class MongoDBDataStore(BaseExternalDataStore):
+    """Stores tasks, schedules, jobs and job results in MongoDB.
+
+    Claims are single-document conditional updates (never read-then-write), so any number
+    of schedulers can share one database on a standalone server, a replica set or a
+    sharded cluster, without multi-document transactions.
+
+    :param client_or_uri: a MongoDB URI, a :class:`pymongo.AsyncMongoClient` or a
+        :class:`~apsched_mongo.memory.MemoryMongoClient`. Only clients created from a URI
+        are closed by the store.
+    :param database: database name
+    :param collection_prefix: prefix of the collection names (``tasks``, ``schedules``,
+        ``jobs``, ``job_results``); the default keeps clear of APScheduler's built-in store
+    :param clock_refresh_interval: seconds between re-measurements of the server's clock
+    :param local_clock: this node's clock (a testing aid for clock-skew drills)
+    :param serializer: serializer for everything that is not queried (pickle by default)
+    :param start_from_scratch: erase all stored data at start (for test suites)
+    :param retry_settings: tenacity stop/wait for temporary failures
+    """
+
+    client_or_uri: Any = attrs.field()
+    database: str = attrs.field(default="apscheduler", kw_only=True, validator=check_database_name)
+    collection_prefix: str = attrs.field(
+        default="apsched_", kw_only=True, validator=check_collection_prefix
+    )
+    clock_refresh_interval: float = attrs.field(default=60.0, kw_only=True)
+    local_clock: Callable[[], datetime] = attrs.field(default=utc_now, kw_only=True)
+
+    _uri: str | None = attrs.field(init=False, default=None)
+    _client: Any = attrs.field(init=False, default=None)
+    _clock: ServerClock = attrs.field(init=False)
+    _tasks: Any = attrs.field(init=False)
+    _schedules: Any = attrs.field(init=False)
+    _jobs: Any = attrs.field(init=False)
+    _results: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.client_or_uri, str):
+            self._uri = self.client_or_uri
+            create_client(self._uri)  # validate now: a bad URI fails at construction
+        elif hasattr(self.client_or_uri, "get_database"):
+            self._client = self.client_or_uri
+        else:
+            raise TypeError(
+                "client_or_uri must be a MongoDB URI, a pymongo.AsyncMongoClient or a "
+                f"MemoryMongoClient, not {type(self.client_or_uri).__name__}"
+            )
+        self._clock = ServerClock(self.local_clock, self.clock_refresh_interval)
+        if self._client is not None:
+            self._bind(self._client)
+
+    def __repr__(self) -> str:
+        where = redact_uri(self._uri) if self._uri else describe_hosts(self._client)
+        return f"{type(self).__name__}({where!r}, database={self.database!r})"
+
+    def _bind(self, client: Any) -> None:
+        database = client.get_database(self.database, codec_options=CODEC_OPTIONS)
+        prefix = self.collection_prefix
+        self._tasks = database.get_collection(prefix + "tasks", codec_options=CODEC_OPTIONS)
+        self._schedules = database.get_collection(
+            prefix + "schedules", codec_options=CODEC_OPTIONS
+        )
+        self._jobs = database.get_collection(prefix + "jobs", codec_options=CODEC_OPTIONS)
+        self._results = database.get_collection(
+            prefix + "job_results", codec_options=CODEC_OPTIONS
+        )
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one MongoDB operation, retrying temporary failures only."""
+        async for attempt in retrying(self.retry_settings, self._logger, what):
+            with attempt:
+                return await operation()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _run_idempotent_insert(self, what: str, collection: Any, document: Any) -> None:
+        """Insert; a duplicate key on a *retry* means our earlier attempt landed."""
+        first = True
+
+        async def insert() -> None:
+            nonlocal first
+            try:
+                await collection.insert_one(document)
+            except DuplicateKeyError:
+                if first:
+                    raise
+            finally:
+                first = False
+
+        await self._run(what, insert)
+
+    async def _find(self, what: str, collection: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        async def find() -> list[Any]:
+            documents: list[Any] = await collection.find(*args, **kwargs).to_list(None)
+            return documents
+
+        return await self._run(what, find)
+
+    async def _server_now(self) -> datetime:
+        return await self._run("clock", lambda: self._clock.now(self._client.admin))
+
+    async def _publish_all(self, events: Iterable[Any]) -> None:
+        for event in events:
+            await self._event_broker.publish(event)
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def start(
+        self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
+    ) -> None:
+        await super().start(exit_stack, event_broker, logger)
+        if self._uri is not None:
+            self._client = create_client(self._uri)
+            exit_stack.push_async_callback(self._client.close)
+            self._bind(self._client)
+
+        sent_at = self.local_clock()
+        hello = await ping(self._client, self._uri)
+        self._clock.observe(hello, sent_at, 0.0)
+        if hello.get("maxWireVersion", 0) < 8:
+            raise RuntimeError("apsched-mongo needs MongoDB 4.2 or newer")
+
+        if self.start_from_scratch:
+            for collection in (self._tasks, self._schedules, self._jobs, self._results):
+                await self._run("start_from_scratch", partial(collection.delete_many, {}))
+
+        await self._run("create indexes", self._create_indexes)
+
+    async def _create_indexes(self) -> None:
+        exists = {"$exists": True}
+        await ensure_indexes(self._schedules, [
+            IndexSpec("apsched_due", [("next_fire_time", ASCENDING)]),
+            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
+            IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
+            IndexSpec("apsched_acquired_by", [("acquired_by", ASCENDING)]),
+        ])
+        await ensure_indexes(self._jobs, [
+            IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING)]),
+            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
+            IndexSpec("apsched_schedule", [("schedule_id", ASCENDING)]),
+            IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
+            IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
+                      partial={"acquired_until": exists}),
+            # One running job per (task, slot): how max_running_jobs is enforced atomically
+            IndexSpec("apsched_task_slot", [("task_id", ASCENDING), ("slot", ASCENDING)],
+                      unique=True, partial={"slot": exists}),
+        ])
+        await ensure_indexes(self._results, [
+            IndexSpec("apsched_expiry", [("expires_at", ASCENDING)], expire_after_seconds=0),
+        ])
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    async def add_task(self, task: Task) -> None:
+        document = _codec.encode_task(task, self.serializer)
+        task_id = document.pop("_id")
+        previous = await self._run("add_task", lambda: self._tasks.find_one_and_update(
+            {"_id": task_id}, {"$set": document}, upsert=True, projection={"_id": True},
+        ))
+        if previous:
+            await self._event_broker.publish(TaskUpdated(task_id=task.id))
+        else:
+            await self._event_broker.publish(TaskAdded(task_id=task.id))
+
+    async def remove_task(self, task_id: str) -> None:
+        removed = await self._run("remove_task", lambda: self._tasks.find_one_and_delete(
+            {"_id": task_id}, projection={"_id": True}
+        ))
+        if not removed:
+            raise TaskLookupError(task_id)
+        await self._event_broker.publish(TaskRemoved(task_id=task_id))
+
+    async def _running_jobs(self, task_ids: list[str]) -> dict[str, int]:
+        async def count() -> dict[str, int]:
+            cursor = await self._jobs.aggregate([
+                {"$match": {"task_id": {"$in": task_ids}, "acquired_by": {"$ne": None}}},
+                {"$group": {"_id": "$task_id", "running": {"$sum": 1}}},
+            ])
+            return {doc["_id"]: doc["running"] for doc in await cursor.to_list(None)}
+
+        return await self._run("count running jobs", count)
+
+    async def get_task(self, task_id: str) -> Task:
+        document = await self._run("get_task", lambda: self._tasks.find_one({"_id": task_id}))
+        if not document:
+            raise TaskLookupError(task_id)
+        running = await self._running_jobs([task_id])
+        return _codec.decode_task(document, self.serializer, running.get(task_id, 0))
+
+    async def get_tasks(self) -> list[Task]:
+        documents = await self._find("get_tasks", self._tasks, {}, sort=[("_id", ASCENDING)])
+        running = await self._running_jobs([doc["_id"] for doc in documents])
+        return [
+            _codec.decode_task(doc, self.serializer, running.get(doc["_id"], 0))
+            for doc in documents
+        ]
+
+    # --- schedules --------------------------------------------------------------------------
+
+    def _decode_schedules(self, documents: Iterable[dict[str, Any]]) -> list[Schedule]:
+        schedules = []
+        for document in documents:
+            try:
+                schedules.append(_codec.decode_schedule(document, self.serializer))
+            except DeserializationError as exc:
+                self._logger.warning("Skipping schedule %r: %s", document.get("_id"), exc)
+        return schedules
+
+    async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
+        query = {} if ids is None else {"_id": {"$in": list(ids)}}
+        documents = await self._find("get_schedules", self._schedules, query,
+                                     sort=[("_id", ASCENDING)])
+        return self._decode_schedules(documents)
+
+    async def add_schedule(self, schedule: Schedule, conflict_policy: ConflictPolicy) -> None:
+        document = _codec.encode_schedule(schedule, self.serializer)
+        event: ScheduleAdded | ScheduleUpdated
+        if conflict_policy is ConflictPolicy.replace:
+            previous = await self._run("add_schedule", lambda: self._schedules.find_one_and_replace(
+                {"_id": schedule.id}, document, upsert=True, projection={"_id": True}
+            ))
+            event_class = ScheduleUpdated if previous else ScheduleAdded
+            event = event_class(schedule_id=schedule.id, task_id=schedule.task_id,
+                                next_fire_time=schedule.next_fire_time)
+        else:
+            try:
+                await self._run_idempotent_insert("add_schedule", self._schedules, document)
+            except DuplicateKeyError:
+                if conflict_policy is ConflictPolicy.exception:
+                    raise ConflictingIdError(schedule.id) from None  # type: ignore[no-untyped-call]
+                return
+            event = ScheduleAdded(schedule_id=schedule.id, task_id=schedule.task_id,
+                                  next_fire_time=schedule.next_fire_time)
+        await self._event_broker.publish(event)
+
+    async def remove_schedules(self, ids: Iterable[str]) -> None:
+        await self._remove_schedules(ids, {}, finished=False)
+
+    async def _remove_schedules(
+        self, ids: Iterable[str], condition: dict[str, Any], *, finished: bool
+    ) -> None:
+        removed: list[dict[str, Any]] = []
+
+        async def remove(schedule_id: str) -> None:
+            # One document at a time, so exactly one remover publishes each removal
+            document = await self._run("remove_schedules", lambda: (
+                self._schedules.find_one_and_delete(
+                    {"_id": schedule_id, **condition}, projection={"task_id": True}
+                )
+            ))
+            if document:
+                removed.append(document)
+
+        async with create_task_group() as tg:
+            for schedule_id in set(ids):
+                tg.start_soon(remove, schedule_id)
+        await self._publish_all(
+            ScheduleRemoved(schedule_id=doc["_id"], task_id=doc["task_id"], finished=finished)
+            for doc in removed
+        )
+
+    async def acquire_schedules(
+        self, scheduler_id: str, lease_duration: timedelta, limit: int
+    ) -> list[Schedule]:
+        server_now = await self._server_now()
+        claimable = {
+            "next_fire_time": {"$ne": None, "$lte": _codec.bson_date(self.local_clock())},
+            "paused": {"$ne": True},
+            "$or": [
+                {"acquired_until": None},
+                {"acquired_until": {"$lt": server_now}},
+                {"acquired_by": scheduler_id},
+            ],
+        }
+        candidates = await self._find(
+            "acquire_schedules", self._schedules, claimable, projection={"_id": True},
+            sort=[("next_fire_time", ASCENDING)], limit=limit,
+        )
+        if not candidates:
+            return []
+
+        lease = uuid4().hex
+        claim = {"$set": {"acquired_by": scheduler_id,
+                          "acquired_until": server_now + lease_duration, "lease": lease}}
+        ids = [doc["_id"] for doc in candidates]
+        await self._run("acquire_schedules", lambda: self._schedules.update_many(
+            {"_id": {"$in": ids}, **claimable}, claim
+        ))
+        documents = await self._find("acquire_schedules", self._schedules, {"lease": lease},
+                                     sort=[("next_fire_time", ASCENDING)])
+        return self._decode_schedules(documents)
+
+    async def release_schedules(
+        self, scheduler_id: str, results: Sequence[ScheduleResult]
+    ) -> None:
+        requests: list[UpdateOne | DeleteOne] = []
+        events: list[ScheduleUpdated | ScheduleRemoved] = []
+        for result in results:
+            owned = {"_id": result.schedule_id, "acquired_by": scheduler_id}
+            try:
+                progress = _codec.encode_schedule_progress(
+                    result.trigger, result.last_fire_time, result.next_fire_time,
+                    self.serializer,
+                )
+            except SerializationError:
+                self._logger.exception(
+                    "Cannot serialize the trigger of schedule %r: removing the schedule",
+                    result.schedule_id,
+                )
+                requests.append(DeleteOne(owned))
+                events.append(ScheduleRemoved(schedule_id=result.schedule_id,
+                                              task_id=result.task_id, finished=True))
+                continue
+            requests.append(UpdateOne(owned, {"$set": progress,
+                                              "$unset": _codec.LEASE_FIELDS}))
+            events.append(ScheduleUpdated(schedule_id=result.schedule_id,
+                                          task_id=result.task_id,
+                                          next_fire_time=result.next_fire_time))
+        if requests:
+            await self._run("release_schedules",
+                            lambda: self._schedules.bulk_write(requests, ordered=False))
+        await self._publish_all(events)
+
+    async def get_next_schedule_run_time(self) -> datetime | None:
+        document = await self._run("get_next_schedule_run_time", lambda: (
+            self._schedules.find_one(
+                {"next_fire_time": {"$ne": None}, "paused": {"$ne": True}},
+                projection={"progress": True}, sort=[("next_fire_time", ASCENDING)],
+            )
+        ))
+        if not document:
+            return None
+        try:
+            return _codec.decode_next_fire_time(document, self.serializer)
+        except DeserializationError:
+            fire_time: datetime = document["next_fire_time"]
+            return fire_time
+
+    async def extend_acquired_schedule_leases(
+        self, scheduler_id: str, schedule_ids: set[str], duration: timedelta
+    ) -> None:
+        until = await self._server_now() + duration
+        await self._run("extend_acquired_schedule_leases", lambda: self._schedules.update_many(
+            {"_id": {"$in": list(schedule_ids)}, "acquired_by": scheduler_id},
+            {"$set": {"acquired_until": until}},
+        ))
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    async def add_job(self, job: Job) -> None:
+        document = _codec.encode_job(job, self.serializer)
+        await self._run_idempotent_insert("add_job", self._jobs, document)
+        await self._event_broker.publish(
+            JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
+        )
+
+    async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
+        query = {} if ids is None else {"_id": {"$in": list(ids)}}
+        documents = await self._find("get_jobs", self._jobs, query,
+                                     sort=JOB_ORDER)
+        jobs = []
+        for document in documents:
+            try:
+                jobs.append(_codec.decode_job(document, self.serializer))
+            except DeserializationError as exc:
+                self._logger.warning("Skipping job %r: %s", document.get("_id"), exc)
+        return jobs
+
+    async def _free_slots(self) -> dict[str, list[int]]:
+        """Free slot numbers of every task with ``max_running_jobs``."""
+        limited = await self._find("acquire_jobs", self._tasks,
+                                   {"max_running_jobs": {"$ne": None}},
+                                   projection={"max_running_jobs": True})
+        if not limited:
+            return {}
+        taken = await self._find("acquire_jobs", self._jobs,
+                                 {"task_id": {"$in": [doc["_id"] for doc in limited]},
+                                  "slot": {"$exists": True}},
+                                 projection={"task_id": True, "slot": True})
+        used: dict[str, set[int]] = {}
+        for doc in taken:
+            used.setdefault(doc["task_id"], set()).add(doc["slot"])
+        return {
+            doc["_id"]: [slot for slot in range(doc["max_running_jobs"])
+                         if slot not in used.get(doc["_id"], ())]
+            for doc in limited
+        }
+
+    async def acquire_jobs(
+        self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
+    ) -> list[Job]:
+        server_now = await self._server_now()
+        free_slots = await self._free_slots()
+        saturated = [task_id for task_id, slots in free_slots.items() if not slots]
+        query: dict[str, Any] = {"acquired_by": None}
+        if saturated:
+            query["task_id"] = {"$nin": saturated}
+        candidates = await self._find("acquire_jobs", self._jobs, query,
+                                      sort=JOB_ORDER,
+                                      limit=limit or 0)
+        if not candidates:
+            return []
+
+        # Claim every candidate in one bulk write. Each update is conditional on the job
+        # being unclaimed; a job of a limited task also takes a free slot, and the unique
+        # (task_id, slot) index turns a lost race for that slot into a duplicate-key error.
+        lease = uuid4().hex
+        claim = {"acquired_by": scheduler_id,
+                 "acquired_until": server_now + lease_duration, "lease": lease}
+        attempted: list[dict[str, Any]] = []
+        unlimited_ids: list[UUID] = []
+        requests: list[UpdateOne | UpdateMany] = []
+        for document in candidates:
+            slots = free_slots.get(document["task_id"])
+            if slots is None:
+                unlimited_ids.append(document["_id"])
+            elif slots:
+                requests.append(UpdateOne({"_id": document["_id"], "acquired_by": None},
+                                          {"$set": {**claim, "slot": slots.pop(0)}}))
+            else:
+                continue  # this task has no free slot left in this batch
+            attempted.append(document)
+        if unlimited_ids:
+            requests.append(UpdateMany({"_id": {"$in": unlimited_ids}, "acquired_by": None},
+                                       {"$set": claim}))
+        if not requests:
+            return []
+
+        async def claim_all() -> int | None:
+            try:
+                result = await self._jobs.bulk_write(requests, ordered=False)
+            except BulkWriteError as exc:
+                if any(error["code"] != _DUPLICATE_KEY for error in exc.details["writeErrors"]):
+                    raise
+                return None  # some slots were taken meanwhile
+            modified: int = result.modified_count
+            return modified
+
+        if await self._run("acquire_jobs", claim_all) == len(attempted):
+            # All claims won. Jobs are immutable but for their lease, so what we read is current
+            claimed = [{**doc, **claim} for doc in attempted]
+        else:
+            claimed = await self._find("acquire_jobs", self._jobs, {"lease": lease},
+                                       sort=JOB_ORDER)
+        return await self._start_claimed(scheduler_id, claimed)
+
+    async def _start_claimed(self, scheduler_id: str, claimed: list[dict[str, Any]]) -> list[Job]:
+        """Decode claimed jobs; release at once those that cannot or must not start."""
+        now = self.local_clock()
+        acquired: list[Job] = []
+        discarded: list[tuple[dict[str, Any], JobResult, Job | None]] = []
+        for document in claimed:
+            try:
+                job = _codec.decode_job(document, self.serializer)
+            except DeserializationError as exc:
+                self._logger.warning("Releasing job %r: %s", document["_id"], exc)
+                discarded.append((document, _codec.result_for_document(
+                    document, JobOutcome.deserialization_failed, now, exc), None))
+                continue
+            if job.start_deadline is not None and job.start_deadline < now:
+                discarded.append((document, JobResult.from_job(
+                    job, JobOutcome.missed_start_deadline, finished_at=now), job))
+                continue
+            acquired.append(job)
+
+        await self._publish_all(JobAcquired.from_job(job, scheduler_id=scheduler_id)
+                                for job in acquired)
+        if discarded:
+            ids = [document["_id"] for document, _, _ in discarded]
+            await self._run("acquire_jobs", lambda: self._jobs.delete_many(
+                {"_id": {"$in": ids}, "acquired_by": scheduler_id}
+            ))
+            await self._store_results([result for _, result, _ in discarded])
+            await self._publish_all(
+                self._released_event(document, result, scheduler_id, job)
+                for document, result, job in discarded
+            )
+        return acquired
+
+    @staticmethod
+    def _released_event(document: dict[str, Any], result: JobResult, scheduler_id: str,
+                        job: Job | None) -> JobReleased:
+        return JobReleased.from_result(
+            result, scheduler_id, document["task_id"], document.get("schedule_id"),
+            job.scheduled_fire_time if job else document.get("scheduled_fire_time"),
+        )
+
+    async def _store_results(self, results: Sequence[JobResult]) -> None:
+        documents = [_codec.encode_result(result, self.serializer) for result in results
+                     if result.expires_at > result.finished_at]
+        if not documents:
+            return
+
+        async def insert() -> None:
+            try:
+                await self._results.insert_many(documents, ordered=False)
+            except BulkWriteError as exc:  # duplicates: stored by an earlier attempt
+                if any(error["code"] != _DUPLICATE_KEY for error in exc.details["writeErrors"]):
+                    raise
+
+        await self._run("store job results", insert)
+
+    async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        attempts = 0
+
+        async def delete() -> bool:
+            nonlocal attempts
+            attempts += 1
+            outcome = await self._jobs.delete_one(
+                {"_id": job.id, "acquired_by": {"$in": [scheduler_id, None]}}
+            )
+            # After a lost reply, the job being gone means our first delete landed
+            return bool(outcome.deleted_count) or attempts > 1
+
+        if not await self._run("release_job", delete):
+            self._logger.warning(
+                "Job %s was no longer held by scheduler %r (its lease expired and it was "
+                "released elsewhere); result not recorded", job.id, scheduler_id,
+            )
+            return
+        await self._store_results([result])
+        await self._event_broker.publish(JobReleased.from_result(
+            result, scheduler_id, job.task_id, job.schedule_id, job.scheduled_fire_time
+        ))
+
+    async def get_job_result(self, job_id: UUID) -> JobResult | None:
+        document = await self._run("get_job_result", lambda: self._results.find_one_and_delete(
+            {"_id": job_id}
+        ))
+        if not document or document["expires_at"] <= await self._server_now():
+            return None
+        return _codec.decode_result(document, self.serializer)
+
+    async def extend_acquired_job_leases(
+        self, scheduler_id: str, job_ids: set[UUID], duration: timedelta
+    ) -> None:
+        until = await self._server_now() + duration
+        await self._run("extend_acquired_job_leases", lambda: self._jobs.update_many(
+            {"_id": {"$in": list(job_ids)}, "acquired_by": scheduler_id},
+            {"$set": {"acquired_until": until}},
+        ))
+
+    async def _release_abandoned(self, query: dict[str, Any], what: str) -> None:
+        """Release matching leased jobs as abandoned; per document, so only one node wins."""
+        documents = await self._find(what, self._jobs, query)
+        now = self.local_clock()
+        released: list[tuple[dict[str, Any], JobResult, Job | None]] = []
+        for document in documents:
+            won = await self._run(what, partial(
+                self._jobs.find_one_and_delete,
+                {"_id": document["_id"], "lease": document.get("lease")}, projection={"_id": True},
+            ))
+            if not won:
+                continue
+            try:
+                job: Job | None = _codec.decode_job(document, self.serializer)
+            except DeserializationError:
+                job = None
+            result = (JobResult.from_job(job, JobOutcome.abandoned, finished_at=now) if job
+                      else _codec.result_for_document(document, JobOutcome.abandoned, now))
+            released.append((document, result, job))
+
+        await self._store_results([result for _, result, _ in released])
+        await self._publish_all(
+            self._released_event(document, result, document["acquired_by"], job)
+            for document, result, job in released
+        )
+
+    async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
+        await self._release_abandoned({"acquired_by": scheduler_id}, "reap_abandoned_jobs")
+
+    async def cleanup(self) -> None:
+        server_now = await self._server_now()
+        # 1. Expired job results (the TTL index does this too, but only once a minute)
+        await self._run("cleanup", lambda: self._results.delete_many(
+            {"expires_at": {"$lte": server_now}}
+        ))
+        # 2. Jobs whose lease expired: their scheduler is gone
+        await self._release_abandoned(
+            {"acquired_by": {"$ne": None}, "acquired_until": {"$lt": server_now}}, "cleanup"
+        )
+        # 3. Finished schedules with no jobs left
+        finished = await self._find("cleanup", self._schedules,
+                                    {"next_fire_time": None, "acquired_by": None},
+                                    projection={"_id": True})
+        if finished:
+            ids = [doc["_id"] for doc in finished]
+            with_jobs = set(await self._run("cleanup", lambda: self._jobs.distinct(
+                "schedule_id", {"schedule_id": {"$in": ids}}
+            )))
+            await self._remove_schedules(
+                [i for i in ids if i not in with_jobs],
+                {"next_fire_time": None, "acquired_by": None}, finished=True,
+            )
