@@ -1,0 +1,121 @@
+"""``python -m apsched_mongo demo``: schedulers sharing one MongoDB, printing every job run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from collections import Counter
+from contextlib import AsyncExitStack
+from datetime import datetime
+from typing import Any
+
+import anyio
+from apscheduler import AsyncScheduler, ConflictPolicy, current_async_scheduler, current_job
+from apscheduler.abc import EventBroker
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .datastore import MongoDBDataStore
+
+runs: Counter[str] = Counter()
+running_slow = 0
+max_running_slow = 0
+
+
+def _report(name: str) -> None:
+    node = current_async_scheduler.get().identity
+    job = current_job.get()
+    runs[node] += 1
+    print(f"{datetime.now():%H:%M:%S.%f}"[:-3], f"{node:<7} {name:<8} job {str(job.id)[:8]}",
+          flush=True)
+
+
+async def tick() -> None:
+    """Runs every second (interval trigger)."""
+    _report("tick")
+
+
+async def cron() -> None:
+    """Runs every third second (cron trigger)."""
+    _report("cron")
+
+
+async def slow() -> None:
+    """Takes 1.5 s and fires twice a second; max_running_jobs=1 keeps one at a time."""
+    global running_slow, max_running_slow
+    running_slow += 1
+    max_running_slow = max(max_running_slow, running_slow)
+    _report("slow")
+    try:
+        await anyio.sleep(1.5)
+    finally:
+        running_slow -= 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--uri", help="MongoDB URI (default: an in-memory MongoDB)")
+    parser.add_argument("--database", default="apsched_demo")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to run")
+    parser.add_argument("--nodes", type=int, default=1, help="schedulers sharing the database")
+    parser.add_argument("--broker", choices=["mongodb", "local"], default="mongodb",
+                        help="event broker: MongoDB (default) or local only")
+
+
+def _make_broker(kind: str, client: Any, database: str) -> EventBroker | None:
+    if kind == "mongodb" and importlib.util.find_spec("apsched_mongo.eventbroker"):
+        from .eventbroker import MongoDBEventBroker
+
+        broker: EventBroker = MongoDBEventBroker(client, database=database)
+        return broker
+    return None
+
+
+async def _main(args: argparse.Namespace) -> None:
+    if args.uri:
+        from ._client import create_client
+
+        make_client: Any = lambda: create_client(args.uri)  # noqa: E731
+    else:
+        from .memory import MemoryMongoClient, MemoryServer
+
+        server = MemoryServer()
+        make_client = lambda: MemoryMongoClient(server)  # noqa: E731
+        print("Using an in-memory MongoDB (pass --uri to use a real server)")
+
+    async with AsyncExitStack() as stack:
+        schedulers = []
+        for number in range(1, args.nodes + 1):
+            client = make_client()
+            stack.push_async_callback(client.close)
+            store = MongoDBDataStore(client, database=args.database,
+                                     start_from_scratch=number == 1)
+            kwargs: dict[str, Any] = {"identity": f"node-{number}"}
+            if broker := _make_broker(args.broker, client, args.database):
+                kwargs["event_broker"] = broker
+            scheduler = await stack.enter_async_context(AsyncScheduler(store, **kwargs))
+            schedulers.append(scheduler)
+
+        first = schedulers[0]
+        await first.configure_task("slow", func=slow, max_running_jobs=1)
+        await first.add_schedule(tick, IntervalTrigger(seconds=1), id="tick",
+                                 conflict_policy=ConflictPolicy.replace)
+        await first.add_schedule(cron, CronTrigger(second="*/3"), id="cron",
+                                 conflict_policy=ConflictPolicy.replace)
+        await first.add_schedule("slow", IntervalTrigger(seconds=0.5), id="slow",
+                                 conflict_policy=ConflictPolicy.replace)
+        for scheduler in schedulers:
+            await scheduler.start_in_background()
+        print(f"{args.nodes} scheduler(s) running for {args.seconds:g} s ...", flush=True)
+        await anyio.sleep(args.seconds)
+        for scheduler in schedulers:
+            await scheduler.stop()
+
+    print("job runs per node:", dict(sorted(runs.items())))
+    print(f"most 'slow' jobs running at once: {max_running_slow} (max_running_jobs=1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    anyio.run(_main, args)
+    return 0
