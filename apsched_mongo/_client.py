@@ -19,7 +19,7 @@ CODEC_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
     tz_aware=True, tzinfo=utc, uuid_representation=UuidRepresentation.STANDARD
 )
 
-_USERINFO = re.compile(r"(?P<scheme>mongodb(?:\+srv)?://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
 
 
 def redact_uri(uri: str) -> str:

@@ -377,19 +377,29 @@ class MongoDBDataStore(BaseExternalDataStore):
         await self._publish_all(events)
 
     async def get_next_schedule_run_time(self) -> datetime | None:
-        document = await self._run("get_next_schedule_run_time", lambda: (
-            self._schedules.find_one(
-                {"next_fire_time": {"$ne": None}, "paused": {"$ne": True}},
-                projection={"progress": True}, sort=[("next_fire_time", ASCENDING)],
-            )
+        """The earliest time a schedule can be processed here: its next fire time, or, for a
+        schedule leased by another scheduler, when that lease runs out (so a scheduler
+        neither spins on schedules it cannot take nor sleeps past a crashed peer's lease)."""
+        server_now = await self._server_now()
+        active = {"next_fire_time": {"$ne": None}, "paused": {"$ne": True}}
+        free = await self._run("get_next_schedule_run_time", lambda: self._schedules.find_one(
+            {**active, "$or": [{"acquired_until": None}, {"acquired_until": {"$lt": server_now}}]},
+            projection={"progress": True, "next_fire_time": True},
+            sort=[("next_fire_time", ASCENDING)],
         ))
-        if not document:
-            return None
-        try:
-            return _codec.decode_next_fire_time(document, self.serializer)
-        except DeserializationError:
-            fire_time: datetime = document["next_fire_time"]
-            return fire_time
+        leased = await self._run("get_next_schedule_run_time", lambda: self._schedules.find_one(
+            {**active, "acquired_until": {"$gte": server_now}},
+            projection={"acquired_until": True}, sort=[("acquired_until", ASCENDING)],
+        ))
+        times = []
+        if free:
+            try:
+                times.append(_codec.decode_next_fire_time(free, self.serializer))
+            except DeserializationError:
+                times.append(free["next_fire_time"])
+        if leased:
+            times.append(leased["acquired_until"] - self._clock.offset)  # to local time
+        return min((time for time in times if time is not None), default=None)
 
     async def extend_acquired_schedule_leases(
         self, scheduler_id: str, schedule_ids: set[str], duration: timedelta

@@ -1,0 +1,135 @@
+"""Bad input gets a clear error naming the problem, and nothing stored is lost."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from apscheduler import (
+    ConflictPolicy,
+    Job,
+    JobOutcome,
+    JobReleased,
+    Schedule,
+    SerializationError,
+    Task,
+)
+from apscheduler.eventbrokers.local import LocalEventBroker
+from apscheduler.triggers.interval import IntervalTrigger
+from pymongo import ASCENDING, IndexModel
+
+from apsched_mongo import IndexConflictError, MongoDBDataStore, ServerUnreachableError
+
+pytestmark = pytest.mark.anyio
+LEASE = timedelta(seconds=30)
+log = logging.getLogger(__name__)
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("not today")
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("http://user:hunter2@localhost", "mongodb://"),
+    ("mongodb://user:hunter2@", "host"),
+    ("mongodb://user:hunter2@localhost:99999", "port"),
+])
+def test_invalid_uri_fails_at_construction_without_the_password(uri: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="invalid MongoDB URI") as info:
+        MongoDBDataStore(uri)
+    assert problem in str(info.value).lower()
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["", "has space", "dotted.name", "a/b", "x" * 64])
+def test_invalid_database_name(name: str) -> None:
+    with pytest.raises(ValueError, match="database"):
+        MongoDBDataStore("mongodb://localhost", database=name)
+
+
+def test_wrong_client_type() -> None:
+    with pytest.raises(TypeError, match="client_or_uri"):
+        MongoDBDataStore(42)
+
+
+async def test_unreachable_server_is_named_within_the_selection_timeout() -> None:
+    store = MongoDBDataStore(
+        "mongodb://app:hunter2@127.0.0.1:1/?serverSelectionTimeoutMS=300"
+    )
+    assert "hunter2" not in repr(store)
+    started = time.monotonic()
+    async with AsyncExitStack() as stack:
+        broker = LocalEventBroker()
+        await broker.start(stack, log)
+        with pytest.raises(ServerUnreachableError) as info:
+            await store.start(stack, broker, log)
+    assert time.monotonic() - started < 5  # not retried for a minute
+    assert "127.0.0.1:1" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_conflicting_index_is_named(backend: Any, started: Any) -> None:
+    results = backend.db()["apsched_job_results"]
+    await results.create_indexes([IndexModel([("expires_at", ASCENDING)], name="mine")])
+    await results.insert_one({"_id": "keep me"})
+    with pytest.raises(IndexConflictError, match=r"'mine'.*expireAfterSeconds") as info:
+        await started()
+    assert "apsched_job_results" in str(info.value)
+    assert await results.count_documents({"_id": "keep me"}) == 1
+    assert "mine" in await results.index_information()  # we never drop a user's index
+
+
+async def test_unserializable_job_args_write_nothing(started: Any, backend: Any) -> None:
+    store, broker = await started()
+    with pytest.raises(SerializationError):
+        await store.add_job(Job(task_id="t", executor="async", args=(Unpicklable(),)))
+    with pytest.raises(SerializationError):
+        await store.add_schedule(Schedule(id="s", task_id="t", trigger=IntervalTrigger(seconds=1),
+                                          job_executor="async", kwargs={"x": Unpicklable()}),
+                                 ConflictPolicy.exception)
+    assert await backend.db()["apsched_jobs"].count_documents({}) == 0
+    assert await backend.db()["apsched_schedules"].count_documents({}) == 0
+    assert broker.events == []
+
+
+async def test_corrupt_job_is_released_and_the_rest_carry_on(
+    started: Any, backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, broker = await started()
+    await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
+    good_before = Job(task_id="t", executor="async")
+    await store.add_job(good_before)
+    jobs = backend.db()["apsched_jobs"]
+    corrupt = Job(task_id="t", executor="async", result_expiration_time=timedelta(minutes=1))
+    await store.add_job(corrupt)
+    await jobs.update_one({"_id": corrupt.id}, {"$set": {"state": b"\x80garbage"}})
+    good_after = Job(task_id="t", executor="async")
+    await store.add_job(good_after)
+
+    acquired = await store.acquire_jobs("s1", LEASE, 10)
+    assert [job.id for job in acquired] == [good_before.id, good_after.id]
+    [released] = broker.of_type(JobReleased)
+    assert (released.job_id, released.outcome) == (corrupt.id, JobOutcome.deserialization_failed)
+    result = await store.get_job_result(corrupt.id)
+    assert result is not None and result.outcome is JobOutcome.deserialization_failed
+    assert await jobs.count_documents({"_id": corrupt.id}) == 0
+    assert any(str(corrupt.id) in record.getMessage() for record in caplog.records)
+
+
+async def test_corrupt_schedule_is_skipped_with_a_warning(
+    started: Any, backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = await started()
+    for name in ("ok", "bad"):
+        await store.add_schedule(Schedule(id=name, task_id="t", trigger=IntervalTrigger(seconds=1),
+                                          job_executor="async"), ConflictPolicy.exception)
+    await backend.db()["apsched_schedules"].update_one({"_id": "bad"},
+                                                       {"$set": {"state": "not bytes"}})
+    assert [s.id for s in await store.get_schedules()] == ["ok"]
+    assert any("'bad'" in record.getMessage() for record in caplog.records)
+    assert await backend.db()["apsched_schedules"].count_documents({}) == 2  # nothing deleted
