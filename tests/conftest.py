@@ -21,6 +21,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from pymongo import AsyncMongoClient
 
 from apsched_mongo import MongoDBDataStore
+from apsched_mongo._client import CODEC_OPTIONS
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
 
 REAL_URI_ENV = "APSCHED_MONGO_TEST_URI"
@@ -71,7 +72,8 @@ class Backend:
     def client(self) -> Any:
         if self.is_real:
             client: Any = AsyncMongoClient(
-                os.environ[REAL_URI_ENV], serverSelectionTimeoutMS=10_000, tz_aware=True
+                os.environ[REAL_URI_ENV], serverSelectionTimeoutMS=10_000, tz_aware=True,
+                uuidRepresentation="standard",
             )
         else:
             client = MemoryMongoClient(self._server)
@@ -83,7 +85,8 @@ class Backend:
         return MongoDBDataStore(self.client(), **kwargs)
 
     def db(self) -> Any:
-        return self.client().get_database(self.database)
+        """The test database as the store sees it (aware UTC datetimes, standard UUIDs)."""
+        return self.client().get_database(self.database, codec_options=CODEC_OPTIONS)
 
     async def close(self) -> None:
         if self.is_real and self._clients:
