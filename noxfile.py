@@ -24,3 +24,12 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy")
     session.run("mypy", "--strict", "apsched_mongo")
+
+
+@nox.session(python="3.12")
+def docs(session: nox.Session) -> None:
+    """Build the HTML documentation; any Sphinx warning fails the build (-W)."""
+    session.install("-e", ".[docs]")
+    session.run(
+        "python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html"
+    )

@@ -37,7 +37,8 @@ class IndexSpec:
         return IndexModel(self.keys, **kwargs)
 
 
-def _existing_options(info: dict[str, Any]) -> dict[str, Any]:
+def existing_options(info: dict[str, Any]) -> dict[str, Any]:
+    """An existing index's meaningful options, in :meth:`IndexSpec.options` form."""
     expire = info.get("expireAfterSeconds")
     return {
         "unique": bool(info.get("unique", False)),
@@ -46,29 +47,36 @@ def _existing_options(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _same_keys(info: dict[str, Any], spec: IndexSpec) -> bool:
+def same_keys(info: dict[str, Any], spec: IndexSpec) -> bool:
     return [(field, int(direction)) for field, direction in info["key"]] == spec.keys
+
+
+def conflict_with(spec: IndexSpec, existing: dict[str, Any]) -> str | None:
+    """Why an existing index (same name or same keys) can't serve as ``spec``, or None."""
+    for name, info in existing.items():
+        if name != spec.name and not same_keys(info, spec):
+            continue
+        if not same_keys(info, spec) or existing_options(info) != spec.options():
+            return (f"index {name!r} has keys {list(info['key'])} and options "
+                    f"{existing_options(info)}, but apsched-mongo needs {spec.name!r} with "
+                    f"keys {spec.keys} and options {spec.options()}")
+    return None
+
+
+def is_present(spec: IndexSpec, existing: dict[str, Any]) -> bool:
+    return any(name == spec.name or same_keys(info, spec) for name, info in existing.items())
 
 
 async def ensure_indexes(collection: Any, specs: list[IndexSpec]) -> None:
     """Create the missing indexes; raise :class:`IndexConflictError` naming any existing
     index on the same keys (or with the same name) whose options differ."""
     existing: dict[str, Any] = await collection.index_information()
-    missing = []
     for spec in specs:
-        matches = {name: info for name, info in existing.items()
-                   if name == spec.name or _same_keys(info, spec)}
-        if not matches:
-            missing.append(spec.model())
-            continue
-        for name, info in matches.items():
-            if not _same_keys(info, spec) or _existing_options(info) != spec.options():
-                raise IndexConflictError(
-                    f"index {name!r} on collection {collection.full_name!r} conflicts with the "
-                    f"index apsched-mongo needs ({spec.name!r}: keys {spec.keys}, options "
-                    f"{spec.options()}); it has keys {list(info['key'])} and options "
-                    f"{_existing_options(info)}. Drop or rename it (apsched-mongo never drops "
-                    "your indexes)."
-                )
+        if problem := conflict_with(spec, existing):
+            raise IndexConflictError(
+                f"on collection {collection.full_name!r}: {problem}. Drop or rename it "
+                "(apsched-mongo never drops your indexes)."
+            )
+    missing = [spec.model() for spec in specs if not is_present(spec, existing)]
     if missing:
         await collection.create_indexes(missing)

@@ -51,6 +51,38 @@ _DUPLICATE_KEY = 11000
 JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
 
 
+_COLLECTION_ATTRIBUTES = {"schedules": "_schedules", "jobs": "_jobs", "job_results": "_results"}
+
+
+def index_specs() -> dict[str, list[IndexSpec]]:
+    """The indexes the store needs, by collection name (without the prefix)."""
+    exists = {"$exists": True}
+    return {
+        "schedules": [
+            IndexSpec("apsched_due", [("next_fire_time", ASCENDING)]),
+            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
+            IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
+            IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
+                      partial={"acquired_until": exists}),
+        ],
+        "jobs": [
+            IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING)]),
+            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
+            IndexSpec("apsched_schedule", [("schedule_id", ASCENDING)]),
+            IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
+            IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
+                      partial={"acquired_until": exists}),
+            # One running job per (task, slot): how max_running_jobs is enforced atomically
+            IndexSpec("apsched_task_slot", [("task_id", ASCENDING), ("slot", ASCENDING)],
+                      unique=True, partial={"slot": exists}),
+        ],
+        "job_results": [
+            # TTL: the server deletes results once expires_at has passed
+            IndexSpec("apsched_expiry", [("expires_at", ASCENDING)], expire_after_seconds=0),
+        ],
+    }
+
+
 @attrs.define(eq=False, repr=False)
 class MongoDBDataStore(BaseExternalDataStore):
     """Stores tasks, schedules, jobs and job results in MongoDB.
@@ -182,27 +214,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         await self._run("create indexes", self._create_indexes)
 
     async def _create_indexes(self) -> None:
-        exists = {"$exists": True}
-        await ensure_indexes(self._schedules, [
-            IndexSpec("apsched_due", [("next_fire_time", ASCENDING)]),
-            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
-            IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
-            IndexSpec("apsched_acquired_by", [("acquired_by", ASCENDING)]),
-        ])
-        await ensure_indexes(self._jobs, [
-            IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING)]),
-            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
-            IndexSpec("apsched_schedule", [("schedule_id", ASCENDING)]),
-            IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
-            IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
-                      partial={"acquired_until": exists}),
-            # One running job per (task, slot): how max_running_jobs is enforced atomically
-            IndexSpec("apsched_task_slot", [("task_id", ASCENDING), ("slot", ASCENDING)],
-                      unique=True, partial={"slot": exists}),
-        ])
-        await ensure_indexes(self._results, [
-            IndexSpec("apsched_expiry", [("expires_at", ASCENDING)], expire_after_seconds=0),
-        ])
+        for name, specs in index_specs().items():
+            await ensure_indexes(getattr(self, _COLLECTION_ATTRIBUTES[name]), specs)
 
     # --- tasks ------------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ max_running_slow = 0
 
 
 def _report(name: str) -> None:
-    node = current_async_scheduler.get().identity
+    scheduler = current_async_scheduler.get()
+    node = scheduler.identity if scheduler else "?"
     job = current_job.get()
     runs[node] += 1
     print(f"{datetime.now():%H:%M:%S.%f}"[:-3], f"{node:<7} {name:<8} job {str(job.id)[:8]}",
