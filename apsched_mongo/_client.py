@@ -19,7 +19,11 @@ CODEC_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
     tz_aware=True, tzinfo=utc, uuid_representation=UuidRepresentation.STANDARD
 )
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
+# The password runs to the *last* "@" (up to whitespace or a quote): an unescaped "@", "/"
+# or ":" in a user name or password must not let any part of the password escape redaction.
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:\s'\"]*):(?P<password>[^\s'\"]*)@"
+)
 
 
 def redact_uri(uri: str) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks of apsched-mongo against APScheduler's built-in MongoDB data store."""
