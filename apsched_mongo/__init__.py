@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .datastore import MongoDBDataStore
 from .errors import IndexConflictError, ServerUnreachableError, UnsupportedByMemoryBackend
+from .eventbroker import MongoDBEventBroker
 
 try:
     __version__ = version("apsched-mongo")
@@ -15,6 +16,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "IndexConflictError",
     "MongoDBDataStore",
+    "MongoDBEventBroker",
     "ServerUnreachableError",
     "UnsupportedByMemoryBackend",
     "__version__",

@@ -444,10 +444,11 @@ class MongoDBDataStore(BaseExternalDataStore):
                 self._logger.warning("Skipping job %r: %s", document.get("_id"), exc)
         return jobs
 
-    async def _free_slots(self) -> dict[str, list[int]]:
-        """Free slot numbers of every task with ``max_running_jobs``."""
+    async def _free_slots(self, task_ids: set[str]) -> dict[str, list[int]]:
+        """Free slot numbers of those of ``task_ids`` that have ``max_running_jobs``."""
         limited = await self._find("acquire_jobs", self._tasks,
-                                   {"max_running_jobs": {"$ne": None}},
+                                   {"_id": {"$in": sorted(task_ids)},
+                                    "max_running_jobs": {"$ne": None}},
                                    projection={"max_running_jobs": True})
         if not limited:
             return {}
@@ -464,18 +465,44 @@ class MongoDBDataStore(BaseExternalDataStore):
             for doc in limited
         }
 
+    async def _claimable_jobs(
+        self, limit: int | None
+    ) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
+        """Unclaimed jobs in queue order, up to ``limit`` that can start now, with the free
+        slots of their limited tasks. Idle schedulers pay one query; a second one looks past
+        jobs of tasks that are at their ``max_running_jobs``."""
+        query: dict[str, Any] = {"acquired_by": None}
+        candidates = await self._find("acquire_jobs", self._jobs, query, sort=JOB_ORDER,
+                                      limit=limit or 0)
+        if not candidates:
+            return [], {}
+        free_slots = await self._free_slots({doc["task_id"] for doc in candidates})
+        room = {task_id: len(slots) for task_id, slots in free_slots.items()}
+        startable = []
+        for doc in candidates:
+            if doc["task_id"] in room:
+                if not room[doc["task_id"]]:
+                    continue
+                room[doc["task_id"]] -= 1
+            startable.append(doc)
+        saturated = [task_id for task_id, left in room.items() if not left]
+        if limit and len(startable) < limit == len(candidates) and saturated:
+            more = await self._find(
+                "acquire_jobs", self._jobs,
+                {**query, "task_id": {"$nin": saturated},
+                 "_id": {"$nin": [doc["_id"] for doc in candidates]}},
+                sort=JOB_ORDER, limit=limit - len(startable),
+            )
+            new_tasks = {doc["task_id"] for doc in more} - free_slots.keys()
+            free_slots.update(await self._free_slots(new_tasks) if new_tasks else {})
+            startable += more
+        return startable, free_slots
+
     async def acquire_jobs(
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
     ) -> list[Job]:
         server_now = await self._server_now()
-        free_slots = await self._free_slots()
-        saturated = [task_id for task_id, slots in free_slots.items() if not slots]
-        query: dict[str, Any] = {"acquired_by": None}
-        if saturated:
-            query["task_id"] = {"$nin": saturated}
-        candidates = await self._find("acquire_jobs", self._jobs, query,
-                                      sort=JOB_ORDER,
-                                      limit=limit or 0)
+        candidates, free_slots = await self._claimable_jobs(limit)
         if not candidates:
             return []
 

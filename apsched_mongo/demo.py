@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -17,6 +16,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from .datastore import MongoDBDataStore
+from .eventbroker import MongoDBEventBroker
 
 runs: Counter[str] = Counter()
 running_slow = 0
@@ -64,11 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _make_broker(kind: str, client: Any, database: str) -> EventBroker | None:
-    if kind == "mongodb" and importlib.util.find_spec("apsched_mongo.eventbroker"):
-        from .eventbroker import MongoDBEventBroker
-
-        broker: EventBroker = MongoDBEventBroker(client, database=database)
-        return broker
+    if kind == "mongodb":
+        return MongoDBEventBroker(client, database=database, poll_interval=0.2)
     return None
 
 

@@ -294,6 +294,20 @@ async def test_max_running_jobs_is_respected(started: Any) -> None:
     assert (await store.get_task("task")).running_jobs == 2
 
 
+async def test_jobs_behind_a_saturated_task_are_not_starved(started: Any) -> None:
+    store, _ = await started()
+    await store.add_task(make_task(max_running_jobs=1))
+    await store.add_task(make_task("free"))
+    for _ in range(10):
+        await store.add_job(make_job())
+    later = make_job("free")
+    await store.add_job(later)
+    acquired = await store.acquire_jobs("s1", LEASE, 5)
+    assert sorted(job.task_id for job in acquired) == ["free", "task"]
+    assert later.id in {job.id for job in acquired}
+    assert [job.task_id for job in await store.acquire_jobs("s2", LEASE, 5)] == []
+
+
 async def test_missed_start_deadline_is_released(started: Any) -> None:
     clock = FakeClock()
     store, broker = await started(local_clock=clock)

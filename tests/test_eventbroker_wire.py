@@ -1,0 +1,491 @@
+"""MongoDBEventBroker against a scripted server (mockupdb): what goes over the wire.
+
+mockupdb serves from threads and queues every request that no autoresponder answers; the
+test pops them (off the event loop, through ``anyio.to_thread``) and replies, so each test
+decides exactly which change events, errors and hang-ups the broker sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, cast
+from uuid import uuid4
+
+import anyio
+import pytest
+from apscheduler import Event, JobAdded, SerializationError
+from apscheduler.serializers.json import JSONSerializer
+from bson import ObjectId
+from mockupdb import MockupDB
+from pymongo import AsyncMongoClient
+
+from apsched_mongo.errors import ApschedMongoError
+from apsched_mongo.eventbroker import MongoDBEventBroker
+
+LOGGER = logging.getLogger("apsched_mongo.tests.eventbroker_wire")
+DB, COLL = "apscheduler", "apsched_events"
+TIMEOUT = 10
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Wire:
+    """A scripted MongoDB server: hello, index and session chatter are answered
+    automatically; everything else waits in a queue for the test to answer."""
+
+    def __init__(self, *, replica_set: bool) -> None:
+        self.server = MockupDB(auto_ismaster=False)
+        self.server.run()
+        self.index_requests: list[Any] = []
+        self.end_sessions = threading.Event()
+        self._pending: list[Any] = []
+        host = self.server.address_string
+        hello: dict[str, Any] = {
+            "ismaster": True, "isWritablePrimary": True, "helloOk": True,
+            "minWireVersion": 0, "maxWireVersion": 21, "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000,
+            "logicalSessionTimeoutMinutes": 30,
+        }
+        if replica_set:
+            hello.update(setName="rs", hosts=[host], me=host, primary=host)
+        self.uri = f"mongodb://{host}/?serverSelectionTimeoutMS=3000" + (
+            "&replicaSet=rs" if replica_set else ""
+        )
+        self._hello = hello
+        self.server.autoresponds(self._chatter)
+
+    def _chatter(self, request: Any) -> bool:
+        """Answer the requests no test scripts; returning False queues the request."""
+        name = request.command_name.lower() if request.command_name else None
+        if name in ("ismaster", "hello"):
+            return bool(request.replies(self._hello))
+        if name in ("listindexes", "createindexes"):
+            self.index_requests.append(request)
+            if name == "listindexes":
+                return bool(request.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
+                                                    "firstBatch": []}))
+            return bool(request.replies())
+        if name == "killcursors":
+            return bool(request.replies(cursorsKilled=request["cursors"]))
+        if name == "endsessions":
+            self.end_sessions.set()
+            return bool(request.replies())
+        return False
+
+    def _pop(self) -> Any:
+        try:
+            return self.server.receives(timeout=0.1)
+        except AssertionError:  # nothing arrived within the timeout
+            return None
+        except OSError:  # a request from a connection the client has closed since
+            return None
+
+    async def receives(self, command: str) -> Any:
+        """The next request for ``command``; requests for other commands stay queued."""
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                for request in self._pending:
+                    if request.command_name == command:
+                        self._pending.remove(request)
+                        return request
+                request = await anyio.to_thread.run_sync(self._pop)
+                if request is not None:
+                    self._pending.append(request)
+
+    def pending_commands(self) -> list[str]:
+        return [request.command_name for request in self._pending]
+
+    def stop(self) -> None:
+        # MockupDB.stop() takes a second (its accept loop polls every second); nothing
+        # depends on it having finished, so let it finish in the background
+        threading.Thread(target=self.server.stop, daemon=True).start()
+
+
+@pytest.fixture
+def wire() -> Iterator[Wire]:
+    wire = Wire(replica_set=True)
+    yield wire
+    wire.stop()
+
+
+@pytest.fixture
+def standalone_wire() -> Iterator[Wire]:
+    wire = Wire(replica_set=False)
+    yield wire
+    wire.stop()
+
+
+class Inbox:
+    """A subscriber that records events and lets tests wait for them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._arrived = anyio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+        self._arrived = anyio.Event()
+
+    async def wait_for(self, count: int) -> list[Event]:
+        with anyio.fail_after(TIMEOUT):
+            while len(self.events) < count:
+                await self._arrived.wait()
+        return self.events
+
+
+class LogWatch(logging.Handler):
+    """Collects the broker's log records; tests can wait for a particular one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._arrived = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._arrived.set()
+        self._arrived = anyio.Event()
+
+    def messages(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+    async def wait_for(self, level: int, text: str) -> None:
+        with anyio.fail_after(TIMEOUT):
+            while not any(text in message for message in self.messages(level)):
+                await self._arrived.wait()
+
+
+@pytest.fixture
+def logs() -> Iterator[LogWatch]:
+    handler = LogWatch()
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.DEBUG)
+    yield handler
+    LOGGER.removeHandler(handler)
+
+
+@asynccontextmanager
+async def running(broker: MongoDBEventBroker) -> AsyncIterator[Inbox]:
+    """Start ``broker`` in a host task (its exit stack must be left in the task that entered
+    it) while the test scripts the server; stop it on exit."""
+    inbox = Inbox()
+    stop = anyio.Event()
+
+    async def host() -> None:
+        async with AsyncExitStack() as stack:
+            await broker.start(stack, LOGGER)
+            await stop.wait()
+
+    broker.subscribe(inbox)  # before start: the test may publish as soon as it has answered
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(host)
+        try:
+            yield inbox
+        finally:
+            stop.set()
+
+
+def job_added(task_id: str = "task") -> JobAdded:
+    return JobAdded(job_id=uuid4(), task_id=task_id, schedule_id=None)
+
+
+def event_document(event: Event, node: str = "other-node") -> dict[str, Any]:
+    """An event document as another node's broker writes it."""
+    return {
+        "_id": ObjectId(), "node": node, "type": type(event).__name__,
+        "payload": JSONSerializer().serialize(event.marshal()),
+        "created_at": datetime.now(UTC),
+    }
+
+
+def token(n: int) -> dict[str, str]:
+    return {"_data": f"{n:04d}"}
+
+
+def change(n: int, document: Any) -> dict[str, Any]:
+    return {"_id": token(n), "operationType": "insert", "fullDocument": document,
+            "ns": {"db": DB, "coll": COLL}, "documentKey": {"_id": ObjectId()}}
+
+
+def cursor_reply(batch: list[Any], resume_token: dict[str, str], *, first: bool = False,
+                 cursor_id: int = 42) -> dict[str, Any]:
+    return {"cursor": {"id": cursor_id, "ns": f"{DB}.{COLL}",
+                       "firstBatch" if first else "nextBatch": batch,
+                       "postBatchResumeToken": resume_token}}
+
+
+def change_stream_stage(aggregate: Any) -> dict[str, Any]:
+    stage: dict[str, Any] = aggregate["pipeline"][0]["$changeStream"]
+    return stage
+
+
+async def open_stream(wire: Wire) -> Any:
+    """Answer the broker's change stream ``aggregate`` with an empty first batch."""
+    aggregate = await wire.receives("aggregate")
+    aggregate.replies(cursor_reply([], token(0), first=True))
+    return aggregate
+
+
+class UnserializableValue:
+    def __getstate__(self) -> Any:
+        raise TypeError("this object refuses to be serialized")
+
+
+def unserializable_event() -> JobAdded:
+    return JobAdded(job_id=uuid4(), task_id=cast(Any, UnserializableValue()), schedule_id=None)
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_opens_an_inserts_only_change_stream_on_a_replica_set(wire: Wire) -> None:
+    broker = MongoDBEventBroker(wire.uri)
+    async with running(broker):
+        aggregate = await open_stream(wire)
+        assert aggregate["aggregate"] == COLL
+        assert aggregate.namespace == DB
+        assert change_stream_stage(aggregate) == {}  # from now: no token yet
+        match = aggregate["pipeline"][1]["$match"]
+        assert match["operationType"] == {"$in": ["insert", "invalidate"]}
+        assert match["fullDocument.node"] == {"$ne": broker._node_id}
+        await wire.receives("getMore")
+        assert broker.active_mode == "change_stream"
+        create = next(r for r in wire.index_requests if r.command_name == "createIndexes")
+        assert create["indexes"] == [
+            {"key": {"created_at": 1}, "name": "apsched_ttl", "expireAfterSeconds": 600}
+        ]
+
+
+@pytest.mark.anyio
+async def test_scripted_event_reaches_the_subscriber_decoded(wire: Wire) -> None:
+    event = job_added()
+    async with running(MongoDBEventBroker(wire.uri)) as inbox:
+        await open_stream(wire)
+        (await wire.receives("getMore")).replies(
+            cursor_reply([change(1, event_document(event))], token(1))
+        )
+        assert await inbox.wait_for(1) == [event]
+
+
+@pytest.mark.anyio
+async def test_resumes_after_resumable_errors_without_loss_or_duplicates(
+    wire: Wire, logs: LogWatch
+) -> None:
+    first, second, third = job_added("first"), job_added("second"), job_added("third")
+    broker = MongoDBEventBroker(wire.uri)
+    async with running(broker) as inbox:
+        await open_stream(wire)
+        (await wire.receives("getMore")).replies(
+            cursor_reply([change(1, event_document(first))], token(1))
+        )
+        await inbox.wait_for(1)
+
+        # A step-down. PyMongo resumes once by itself and retries that read once; both
+        # attempts lose their connection
+        (await wire.receives("getMore")).replies(
+            ok=0, code=10107, errmsg="not primary", errorLabels=["ResumableChangeStreamError"]
+        )
+        for _ in range(2):
+            driver_resume = await wire.receives("aggregate")
+            assert change_stream_stage(driver_resume) == {"resumeAfter": token(1)}
+            driver_resume.hangup()
+
+        # ...so the broker reopens the stream itself, after the last event it delivered
+        ours = await wire.receives("aggregate")
+        assert change_stream_stage(ours) == {"startAfter": token(1)}
+        assert ours["pipeline"][1:] == driver_resume["pipeline"][1:]
+        ours.replies(cursor_reply([change(2, event_document(second))], token(2), first=True))
+        await inbox.wait_for(2)
+        (await wire.receives("getMore")).replies(
+            cursor_reply([change(3, event_document(third))], token(3))
+        )
+        assert await inbox.wait_for(3) == [first, second, third]
+        assert any("interrupted" in m for m in logs.messages(logging.WARNING))
+
+
+@pytest.mark.anyio
+async def test_lost_history_is_reported_and_the_stream_restarts_from_now(
+    wire: Wire, logs: LogWatch
+) -> None:
+    before, after = job_added("before"), job_added("after")
+    async with running(MongoDBEventBroker(wire.uri)) as inbox:
+        await open_stream(wire)
+        (await wire.receives("getMore")).replies(
+            cursor_reply([change(1, event_document(before))], token(1))
+        )
+        await inbox.wait_for(1)
+        (await wire.receives("getMore")).hangup()
+        driver_resume = await wire.receives("aggregate")
+        assert change_stream_stage(driver_resume) == {"resumeAfter": token(1)}
+        driver_resume.replies(ok=0, code=286, errmsg="Resume of change stream was not possible")
+
+        await logs.wait_for(logging.ERROR, "may have been missed")
+        restart = await wire.receives("aggregate")
+        assert change_stream_stage(restart) == {}  # from now on
+        restart.replies(cursor_reply([], token(7), first=True))
+        (await wire.receives("getMore")).replies(
+            cursor_reply([change(8, event_document(after))], token(8))
+        )
+        assert await inbox.wait_for(2) == [before, after]
+
+
+@pytest.mark.anyio
+async def test_invalidate_recreates_the_ttl_index_and_starts_after_it(
+    wire: Wire, logs: LogWatch
+) -> None:
+    event = job_added()
+    async with running(MongoDBEventBroker(wire.uri)) as inbox:
+        await open_stream(wire)
+        indexes_at_start = len(wire.index_requests)
+        invalidate = {"_id": token(5), "operationType": "invalidate"}
+        (await wire.receives("getMore")).replies(
+            cursor_reply([invalidate], token(5), cursor_id=0)
+        )
+        reopened = await wire.receives("aggregate")
+        assert change_stream_stage(reopened) == {"startAfter": token(5)}
+        assert [r.command_name for r in wire.index_requests[indexes_at_start:]] == [
+            "listIndexes", "createIndexes"
+        ]
+        assert any("dropped or renamed" in m for m in logs.messages(logging.WARNING))
+        reopened.replies(cursor_reply([change(6, event_document(event))], token(6), first=True))
+        assert await inbox.wait_for(1) == [event]
+
+
+@pytest.mark.anyio
+async def test_authorization_error_stops_the_listener_but_not_publishing(
+    wire: Wire, logs: LogWatch
+) -> None:
+    broker = MongoDBEventBroker(wire.uri)
+    local = job_added("local")
+    async with running(broker) as inbox:
+        await open_stream(wire)
+        (await wire.receives("getMore")).replies(ok=0, code=13, errmsg="not authorized")
+        await logs.wait_for(logging.ERROR, "stopped listening")
+        await anyio.wait_all_tasks_blocked()
+        assert not [t for t in asyncio.all_tasks() if broker._node_id in t.get_name()]
+        assert "aggregate" not in wire.pending_commands()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.publish, local)
+            (await wire.receives("insert")).replies(n=1)
+        assert inbox.events == [local]
+
+
+@pytest.mark.anyio
+async def test_corrupt_documents_in_change_events_are_skipped(
+    wire: Wire, logs: LogWatch
+) -> None:
+    event = job_added()
+    corrupt = dict(event_document(event), payload=b"{not json")
+    foreign = {"_id": ObjectId(), "name": "somebody else's document"}
+    unknown_type = dict(event_document(event), type="NoSuchEvent")
+    async with running(MongoDBEventBroker(wire.uri)) as inbox:
+        await open_stream(wire)
+        batch = [change(1, corrupt), change(2, foreign), change(3, unknown_type),
+                 {"_id": token(4), "operationType": "insert"},  # no fullDocument at all
+                 change(5, event_document(event))]
+        (await wire.receives("getMore")).replies(cursor_reply(batch, token(5)))
+        assert await inbox.wait_for(1) == [event]
+        skipped = [m for m in logs.messages(logging.WARNING) if "foreign or corrupt" in m]
+        assert len(skipped) == 4
+
+
+@pytest.mark.anyio
+async def test_unserializable_event_inserts_nothing(wire: Wire) -> None:
+    broker = MongoDBEventBroker(wire.uri)
+    good = job_added("good")
+    async with running(broker) as inbox:
+        await open_stream(wire)
+        with pytest.raises(SerializationError):
+            await broker.publish(unserializable_event())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.publish, good)
+            insert = await wire.receives("insert")  # the first insert on the wire
+            insert.replies(n=1)
+        (document,) = insert["documents"]
+        assert document["node"] == broker._node_id
+        assert document["type"] == "JobAdded"
+        assert isinstance(document["created_at"], datetime)
+        assert JobAdded.unmarshal(JSONSerializer().deserialize(document["payload"])) == good
+        assert inbox.events == [good]
+
+
+@pytest.mark.anyio
+async def test_standalone_server_is_polled(standalone_wire: Wire, logs: LogWatch) -> None:
+    wire = standalone_wire
+    event = job_added()
+    broker = MongoDBEventBroker(wire.uri, poll_interval=0.01)
+    async with running(broker) as inbox:
+        priming = await wire.receives("find")  # events that predate this node: not delivered
+        assert priming["filter"]["node"] == {"$ne": broker._node_id}
+        priming.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
+                                "firstBatch": [event_document(job_added("old"))]})
+        poll = await wire.receives("find")
+        assert "$gte" in poll["filter"]["created_at"]
+        poll.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
+                             "firstBatch": [event_document(event)]})
+        assert await inbox.wait_for(1) == [event]
+        assert broker.active_mode == "polling"
+        assert "aggregate" not in wire.pending_commands()
+        assert any("polling" in m for m in logs.messages(logging.INFO))
+
+
+@pytest.mark.anyio
+async def test_polling_can_be_forced_on_a_replica_set(wire: Wire) -> None:
+    broker = MongoDBEventBroker(wire.uri, mode="polling")
+    async with running(broker):
+        (await wire.receives("find")).replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
+                                                      "firstBatch": []})
+        assert broker.active_mode == "polling"
+        assert "aggregate" not in wire.pending_commands()
+
+
+@pytest.mark.anyio
+async def test_replica_set_without_change_streams_falls_back_to_polling(wire: Wire) -> None:
+    broker = MongoDBEventBroker(wire.uri)
+    async with running(broker):
+        (await wire.receives("aggregate")).replies(
+            ok=0, code=40573, errmsg="The $changeStream stage is only supported on replica sets"
+        )
+        (await wire.receives("find")).replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
+                                                      "firstBatch": []})
+        assert broker.active_mode == "polling"
+
+
+@pytest.mark.anyio
+async def test_forced_change_stream_fails_at_start_without_change_streams(wire: Wire) -> None:
+    broker = MongoDBEventBroker(wire.uri, mode="change_stream")
+    async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
+        async def refuse() -> None:
+            (await wire.receives("aggregate")).replies(ok=0, code=40573, errmsg="standalone")
+
+        tg.start_soon(refuse)
+        with pytest.raises(ApschedMongoError, match="change streams"):
+            await broker.start(stack, LOGGER)
+
+
+@pytest.mark.anyio
+async def test_closes_only_the_client_it_created(wire: Wire) -> None:
+    shared: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(wire.uri)
+    try:
+        async with running(MongoDBEventBroker(shared)):
+            await open_stream(wire)
+        assert (await shared.admin.command("hello"))["setName"] == "rs"  # still usable
+        assert not wire.end_sessions.is_set()
+
+        async with running(MongoDBEventBroker(wire.uri)):
+            await open_stream(wire)
+        assert wire.end_sessions.is_set()  # the broker's own client said goodbye
+    finally:
+        await shared.close()
