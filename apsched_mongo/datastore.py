@@ -340,22 +340,28 @@ class MongoDBDataStore(BaseExternalDataStore):
                 {"acquired_by": scheduler_id},
             ],
         }
-        candidates = await self._find(
-            "acquire_schedules", self._schedules, claimable, projection={"_id": True},
-            sort=[("next_fire_time", ASCENDING)], limit=limit,
-        )
+        candidates = await self._find("acquire_schedules", self._schedules, claimable,
+                                      sort=[("next_fire_time", ASCENDING)], limit=limit)
         if not candidates:
             return []
 
+        # Each claim also requires the document to be exactly as read, so when every claim
+        # wins, what we read is what we own and needs no second look.
         lease = uuid4().hex
-        claim = {"$set": {"acquired_by": scheduler_id,
-                          "acquired_until": server_now + lease_duration, "lease": lease}}
-        ids = [doc["_id"] for doc in candidates]
-        await self._run("acquire_schedules", lambda: self._schedules.update_many(
-            {"_id": {"$in": ids}, **claimable}, claim
-        ))
-        documents = await self._find("acquire_schedules", self._schedules, {"lease": lease},
-                                     sort=[("next_fire_time", ASCENDING)])
+        claim = {"acquired_by": scheduler_id,
+                 "acquired_until": server_now + lease_duration, "lease": lease}
+        requests = [
+            UpdateOne({"_id": doc["_id"], "state": doc.get("state"),
+                       "progress": doc.get("progress"), **claimable}, {"$set": claim})
+            for doc in candidates
+        ]
+        result = await self._run("acquire_schedules",
+                                 lambda: self._schedules.bulk_write(requests, ordered=False))
+        if result.modified_count == len(candidates):
+            documents = [{**doc, **claim} for doc in candidates]
+        else:
+            documents = await self._find("acquire_schedules", self._schedules, {"lease": lease},
+                                         sort=[("next_fire_time", ASCENDING)])
         return self._decode_schedules(documents)
 
     async def release_schedules(
@@ -605,19 +611,23 @@ class MongoDBDataStore(BaseExternalDataStore):
 
         await self._run("store job results", insert)
 
-    async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+    async def _delete_job_once(self, what: str, query: dict[str, Any]) -> bool:
+        """Delete the job matching ``query``; True if this call deleted it. Deletion is the
+        commit point of a release: exactly one releaser wins and publishes. A retry after a
+        lost reply finds the job gone, which means our first attempt landed."""
         attempts = 0
 
         async def delete() -> bool:
             nonlocal attempts
             attempts += 1
-            outcome = await self._jobs.delete_one(
-                {"_id": job.id, "acquired_by": {"$in": [scheduler_id, None]}}
-            )
-            # After a lost reply, the job being gone means our first delete landed
+            outcome = await self._jobs.delete_one(query)
             return bool(outcome.deleted_count) or attempts > 1
 
-        if not await self._run("release_job", delete):
+        return await self._run(what, delete)
+
+    async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        owned = {"_id": job.id, "acquired_by": {"$in": [scheduler_id, None]}}
+        if not await self._delete_job_once("release_job", owned):
             self._logger.warning(
                 "Job %s was no longer held by scheduler %r (its lease expired and it was "
                 "released elsewhere); result not recorded", job.id, scheduler_id,
@@ -651,11 +661,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         now = self.local_clock()
         released: list[tuple[dict[str, Any], JobResult, Job | None]] = []
         for document in documents:
-            won = await self._run(what, partial(
-                self._jobs.find_one_and_delete,
-                {"_id": document["_id"], "lease": document.get("lease")}, projection={"_id": True},
-            ))
-            if not won:
+            owned = {"_id": document["_id"], "lease": document.get("lease")}
+            if not await self._delete_job_once(what, owned):
                 continue
             try:
                 job: Job | None = _codec.decode_job(document, self.serializer)

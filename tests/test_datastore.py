@@ -455,3 +455,27 @@ async def test_start_from_scratch_and_reuse_of_existing_data(backend: Any, start
     assert [t.id for t in await reused.get_tasks()] == ["task"]
     fresh, _ = await started(start_from_scratch=True)
     assert await fresh.get_tasks() == []
+
+
+async def test_a_schedule_changed_between_read_and_claim_is_not_claimed_stale(
+    started: Any,
+) -> None:
+    """A claim only wins on the document exactly as read, so no scheduler fires old args."""
+    clock = FakeClock()
+    store, _ = await started(local_clock=clock)
+    other, _ = await started(local_clock=clock)
+    due = clock() - timedelta(seconds=1)
+    await store.add_schedule(make_schedule("s", due, args=("old",)), ConflictPolicy.exception)
+
+    schedules = store._schedules  # interleave another node's write between our read and claim
+    original_bulk_write = schedules.bulk_write
+
+    async def replace_first(*args: Any, **kwargs: Any) -> Any:
+        schedules.bulk_write = original_bulk_write
+        await other.add_schedule(make_schedule("s", due, args=("new",)), ConflictPolicy.replace)
+        return await original_bulk_write(*args, **kwargs)
+
+    schedules.bulk_write = replace_first
+    acquired = await store.acquire_schedules("s1", LEASE, 10)
+    acquired += await store.acquire_schedules("s1", LEASE, 10)
+    assert [schedule.args for schedule in acquired] == [("new",)]
