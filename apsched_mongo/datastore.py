@@ -67,7 +67,9 @@ def index_specs() -> dict[str, list[IndexSpec]]:
         ],
         "jobs": [
             IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING)]),
-            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
+            # Also counts a task's running jobs from index bounds alone
+            IndexSpec("apsched_task_running",
+                      [("task_id", ASCENDING), ("acquired_by", ASCENDING)]),
             IndexSpec("apsched_schedule", [("schedule_id", ASCENDING)]),
             IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
             IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
