@@ -206,8 +206,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         sent_at = self.local_clock()
         hello = await ping(self._client, self._uri)
         self._clock.observe(hello, sent_at, 0.0)
-        if hello.get("maxWireVersion", 0) < 8:
-            raise RuntimeError("apsched-mongo needs MongoDB 4.2 or newer")
+        if hello.get("maxWireVersion", 0) < 13:
+            raise RuntimeError("apsched-mongo needs MongoDB 5.0 or newer")
 
         if self.start_from_scratch:
             for collection in (self._tasks, self._schedules, self._jobs, self._results):
@@ -240,30 +240,35 @@ class MongoDBDataStore(BaseExternalDataStore):
             raise TaskLookupError(task_id)
         await self._event_broker.publish(TaskRemoved(task_id=task_id))
 
-    async def _running_jobs(self, task_ids: list[str]) -> dict[str, int]:
-        async def count() -> dict[str, int]:
-            cursor = await self._jobs.aggregate([
-                {"$match": {"task_id": {"$in": task_ids}, "acquired_by": {"$ne": None}}},
-                {"$group": {"_id": "$task_id", "running": {"$sum": 1}}},
-            ])
-            return {doc["_id"]: doc["running"] for doc in await cursor.to_list(None)}
+    async def _tasks_with_running_counts(self, match: dict[str, Any]) -> list[Task]:
+        """Tasks sorted by id, each with its number of acquired jobs, in one round trip."""
+        pipeline = [
+            {"$match": match},
+            {"$sort": {"_id": ASCENDING}},
+            {"$lookup": {"from": self._jobs.name, "localField": "_id", "foreignField": "task_id",
+                         "pipeline": [{"$match": {"acquired_by": {"$ne": None}}},
+                                      {"$count": "n"}],
+                         "as": "running"}},
+        ]
 
-        return await self._run("count running jobs", count)
+        async def tasks() -> list[dict[str, Any]]:
+            documents: list[dict[str, Any]] = await (
+                await self._tasks.aggregate(pipeline)
+            ).to_list(None)
+            return documents
+
+        documents = await self._run("get tasks", tasks)
+        return [_codec.decode_task(doc, self.serializer, sum(c["n"] for c in doc["running"]))
+                for doc in documents]
 
     async def get_task(self, task_id: str) -> Task:
-        document = await self._run("get_task", lambda: self._tasks.find_one({"_id": task_id}))
-        if not document:
+        tasks = await self._tasks_with_running_counts({"_id": task_id})
+        if not tasks:
             raise TaskLookupError(task_id)
-        running = await self._running_jobs([task_id])
-        return _codec.decode_task(document, self.serializer, running.get(task_id, 0))
+        return tasks[0]
 
     async def get_tasks(self) -> list[Task]:
-        documents = await self._find("get_tasks", self._tasks, {}, sort=[("_id", ASCENDING)])
-        running = await self._running_jobs([doc["_id"] for doc in documents])
-        return [
-            _codec.decode_task(doc, self.serializer, running.get(doc["_id"], 0))
-            for doc in documents
-        ]
+        return await self._tasks_with_running_counts({})
 
     # --- schedules --------------------------------------------------------------------------
 
@@ -452,26 +457,44 @@ class MongoDBDataStore(BaseExternalDataStore):
                 self._logger.warning("Skipping job %r: %s", document.get("_id"), exc)
         return jobs
 
-    async def _free_slots(self, task_ids: set[str]) -> dict[str, list[int]]:
-        """Free slot numbers of those of ``task_ids`` that have ``max_running_jobs``."""
-        limited = await self._find("acquire_jobs", self._tasks,
-                                   {"_id": {"$in": sorted(task_ids)},
-                                    "max_running_jobs": {"$ne": None}},
-                                   projection={"max_running_jobs": True})
-        if not limited:
+    async def _queue_head(self, query: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+        """Unclaimed jobs in queue order, each with its task's ``max_running_jobs`` joined in
+        (one round trip for both)."""
+        pipeline: list[dict[str, Any]] = [{"$match": query}, {"$sort": dict(JOB_ORDER)}]
+        if limit:
+            pipeline.append({"$limit": limit})
+        pipeline += [
+            {"$lookup": {"from": self._tasks.name, "localField": "task_id",
+                         "foreignField": "_id", "as": "task"}},
+            {"$set": {"max_running_jobs": {"$arrayElemAt": ["$task.max_running_jobs", 0]}}},
+            {"$project": {"task": 0}},
+        ]
+
+        async def head() -> list[dict[str, Any]]:
+            documents: list[dict[str, Any]] = await (
+                await self._jobs.aggregate(pipeline)
+            ).to_list(None)
+            return documents
+
+        return await self._run("acquire_jobs", head)
+
+    async def _free_slots(self, limits: dict[str, int]) -> dict[str, list[int]]:
+        """Free slot numbers of the tasks in ``limits`` (task id -> ``max_running_jobs``)."""
+        if not limits:
             return {}
         taken = await self._find("acquire_jobs", self._jobs,
-                                 {"task_id": {"$in": [doc["_id"] for doc in limited]},
-                                  "slot": {"$exists": True}},
+                                 {"task_id": {"$in": sorted(limits)}, "slot": {"$exists": True}},
                                  projection={"task_id": True, "slot": True})
         used: dict[str, set[int]] = {}
         for doc in taken:
             used.setdefault(doc["task_id"], set()).add(doc["slot"])
-        return {
-            doc["_id"]: [slot for slot in range(doc["max_running_jobs"])
-                         if slot not in used.get(doc["_id"], ())]
-            for doc in limited
-        }
+        return {task_id: [slot for slot in range(limit) if slot not in used.get(task_id, ())]
+                for task_id, limit in limits.items()}
+
+    @staticmethod
+    def _limits(documents: list[dict[str, Any]]) -> dict[str, int]:
+        return {doc["task_id"]: doc["max_running_jobs"] for doc in documents
+                if doc.get("max_running_jobs") is not None}
 
     async def _claimable_jobs(
         self, limit: int | None
@@ -480,11 +503,10 @@ class MongoDBDataStore(BaseExternalDataStore):
         slots of their limited tasks. Idle schedulers pay one query; a second one looks past
         jobs of tasks that are at their ``max_running_jobs``."""
         query: dict[str, Any] = {"acquired_by": None}
-        candidates = await self._find("acquire_jobs", self._jobs, query, sort=JOB_ORDER,
-                                      limit=limit or 0)
+        candidates = await self._queue_head(query, limit or 0)
         if not candidates:
             return [], {}
-        free_slots = await self._free_slots({doc["task_id"] for doc in candidates})
+        free_slots = await self._free_slots(self._limits(candidates))
         room = {task_id: len(slots) for task_id, slots in free_slots.items()}
         startable = []
         for doc in candidates:
@@ -495,14 +517,14 @@ class MongoDBDataStore(BaseExternalDataStore):
             startable.append(doc)
         saturated = [task_id for task_id, left in room.items() if not left]
         if limit and len(startable) < limit == len(candidates) and saturated:
-            more = await self._find(
-                "acquire_jobs", self._jobs,
+            more = await self._queue_head(
                 {**query, "task_id": {"$nin": saturated},
                  "_id": {"$nin": [doc["_id"] for doc in candidates]}},
-                sort=JOB_ORDER, limit=limit - len(startable),
+                limit - len(startable),
             )
-            new_tasks = {doc["task_id"] for doc in more} - free_slots.keys()
-            free_slots.update(await self._free_slots(new_tasks) if new_tasks else {})
+            new_limits = {task_id: most for task_id, most in self._limits(more).items()
+                          if task_id not in free_slots}
+            free_slots.update(await self._free_slots(new_limits))
             startable += more
         return startable, free_slots
 
@@ -539,7 +561,11 @@ class MongoDBDataStore(BaseExternalDataStore):
         if not requests:
             return []
 
+        attempts = 0
+
         async def claim_all() -> int | None:
+            nonlocal attempts
+            attempts += 1
             try:
                 result = await self._jobs.bulk_write(requests, ordered=False)
             except BulkWriteError as exc:
@@ -549,9 +575,12 @@ class MongoDBDataStore(BaseExternalDataStore):
             modified: int = result.modified_count
             return modified
 
-        if await self._run("acquire_jobs", claim_all) == len(attempted):
+        claimed_count = await self._run("acquire_jobs", claim_all)
+        if claimed_count == len(attempted):
             # All claims won. Jobs are immutable but for their lease, so what we read is current
             claimed = [{**doc, **claim} for doc in attempted]
+        elif claimed_count == 0 and attempts == 1:
+            return []  # every job was taken by others (after a retry, some may be ours)
         else:
             claimed = await self._find("acquire_jobs", self._jobs, {"lease": lease},
                                        sort=JOB_ORDER)
