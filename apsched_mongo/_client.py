@@ -69,6 +69,32 @@ def create_client(uri: str) -> AsyncMongoClient[dict[str, Any]]:
         ) from None
 
 
+def accept_client_or_uri(client_or_uri: Any) -> tuple[str | None, Any]:
+    """``(uri, None)`` for a URI (validated now, so a bad one fails at construction; the
+    client is created at start, inside the event loop that will use it), or
+    ``(None, client)`` for a ready client."""
+    if isinstance(client_or_uri, str):
+        create_client(client_or_uri)
+        return client_or_uri, None
+    if hasattr(client_or_uri, "get_database"):
+        return None, client_or_uri
+    raise TypeError(
+        "client_or_uri must be a MongoDB URI, a pymongo.AsyncMongoClient or a "
+        f"MemoryMongoClient, not {type(client_or_uri).__name__}"
+    )
+
+
+def command_line_client(uri: str | None, purpose: str) -> Any:
+    """The client a command-line tool works on: the server at ``uri``, or an empty
+    in-memory one (said on stdout) when no URI is given."""
+    if uri:
+        return create_client(uri)
+    from .memory import MemoryMongoClient
+
+    print(f"Using an empty in-memory MongoDB (pass --uri to {purpose} a real server)\n")
+    return MemoryMongoClient()
+
+
 def describe_hosts(client: Any) -> str:
     """A short, credential-free description of where ``client`` points, for reprs."""
     try:

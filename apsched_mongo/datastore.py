@@ -40,7 +40,14 @@ from pymongo import ASCENDING, DeleteOne, UpdateMany, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from . import _codec
-from ._client import CODEC_OPTIONS, create_client, describe_hosts, ping, redact_uri
+from ._client import (
+    CODEC_OPTIONS,
+    accept_client_or_uri,
+    create_client,
+    describe_hosts,
+    ping,
+    redact_uri,
+)
 from ._clock import ServerClock, utc_now
 from ._indexes import IndexSpec, ensure_indexes
 from ._names import check_collection_prefix, check_database_name
@@ -123,16 +130,7 @@ class MongoDBDataStore(BaseExternalDataStore):
     _results: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        if isinstance(self.client_or_uri, str):
-            self._uri = self.client_or_uri
-            create_client(self._uri)  # validate now: a bad URI fails at construction
-        elif hasattr(self.client_or_uri, "get_database"):
-            self._client = self.client_or_uri
-        else:
-            raise TypeError(
-                "client_or_uri must be a MongoDB URI, a pymongo.AsyncMongoClient or a "
-                f"MemoryMongoClient, not {type(self.client_or_uri).__name__}"
-            )
+        self._uri, self._client = accept_client_or_uri(self.client_or_uri)
         self._clock = ServerClock(self.local_clock, self.clock_refresh_interval)
         if self._client is not None:
             self._bind(self._client)

@@ -18,7 +18,14 @@ import attrs
 from pymongo import ASCENDING
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from ._client import CODEC_OPTIONS, create_client, describe_hosts, hosts_of, redact, redact_uri
+from ._client import (
+    CODEC_OPTIONS,
+    command_line_client,
+    describe_hosts,
+    hosts_of,
+    redact,
+    redact_uri,
+)
 from ._indexes import IndexSpec, conflict_with, is_present
 from .datastore import index_specs
 from .errors import ServerUnreachableError
@@ -260,14 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    client: Any
-    if args.uri:
-        client = create_client(args.uri)
-    else:
-        from .memory import MemoryMongoClient
-
-        client = MemoryMongoClient()
-        print("Using an empty in-memory MongoDB (pass --uri to check a real server)\n")
+    client = command_line_client(args.uri, "check")
     try:
         report = await diagnose(client, args.database, args.prefix, uri=args.uri)
     except ServerUnreachableError as exc:

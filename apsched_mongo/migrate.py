@@ -32,7 +32,7 @@ from apscheduler.serializers.pickle import PickleSerializer
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ._client import CODEC_OPTIONS, create_client, redact
+from ._client import CODEC_OPTIONS, command_line_client, redact
 from .datastore import MongoDBDataStore
 from .errors import ServerUnreachableError
 
@@ -197,14 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    client: Any
-    if args.uri:
-        client = create_client(args.uri)
-    else:
-        from .memory import MemoryMongoClient
-
-        client = MemoryMongoClient()
-        print("Using an empty in-memory MongoDB (pass --uri to migrate a real server)")
+    client = command_line_client(args.uri, "migrate")
     try:
         report = await migrate_from_builtin(
             client, source_database=args.source_database, database=args.database,
