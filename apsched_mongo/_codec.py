@@ -62,7 +62,10 @@ def _fields(obj: Any, names: frozenset[str], *, exclude: bool) -> dict[str, Any]
 def _deserialize(serializer: Serializer, data: Any, what: str) -> dict[str, Any]:
     if not isinstance(data, bytes):
         raise DeserializationError(f"{what}: serialized state missing or not binary")
-    state = serializer.deserialize(data)
+    try:
+        state = serializer.deserialize(data)
+    except DeserializationError as exc:
+        raise DeserializationError(f"{what}: {exc.__cause__ or exc!r}") from exc
     if not isinstance(state, dict):
         raise DeserializationError(f"{what}: serialized state is not a mapping")
     return state

@@ -34,7 +34,7 @@ from apscheduler import (
     TaskRemoved,
     TaskUpdated,
 )
-from apscheduler.abc import EventBroker
+from apscheduler.abc import EventBroker, Serializer
 from apscheduler.datastores.base import BaseExternalDataStore
 from pymongo import ASCENDING, DeleteOne, UpdateMany, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
@@ -186,6 +186,20 @@ class MongoDBDataStore(BaseExternalDataStore):
     async def _server_now(self) -> datetime:
         return await self._run("clock", lambda: self._clock.now(self._client.admin))
 
+    def _decode_each(
+        self, documents: Iterable[dict[str, Any]],
+        decode: Callable[[dict[str, Any], Serializer], T],
+    ) -> list[T]:
+        """Decode what can be decoded; log and skip corrupt or foreign documents (nothing
+        is deleted: an operator can inspect and repair them)."""
+        decoded = []
+        for document in documents:
+            try:
+                decoded.append(decode(document, self.serializer))
+            except DeserializationError as exc:
+                self._logger.warning("Skipping %s", exc)
+        return decoded
+
     async def _publish_all(self, events: Iterable[Any]) -> None:
         for event in events:
             await self._event_broker.publish(event)
@@ -271,13 +285,7 @@ class MongoDBDataStore(BaseExternalDataStore):
     # --- schedules --------------------------------------------------------------------------
 
     def _decode_schedules(self, documents: Iterable[dict[str, Any]]) -> list[Schedule]:
-        schedules = []
-        for document in documents:
-            try:
-                schedules.append(_codec.decode_schedule(document, self.serializer))
-            except DeserializationError as exc:
-                self._logger.warning("Skipping schedule %r: %s", document.get("_id"), exc)
-        return schedules
+        return self._decode_each(documents, _codec.decode_schedule)
 
     async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
         query = {} if ids is None else {"_id": {"$in": list(ids)}}
@@ -447,13 +455,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         query = {} if ids is None else {"_id": {"$in": list(ids)}}
         documents = await self._find("get_jobs", self._jobs, query,
                                      sort=JOB_ORDER)
-        jobs = []
-        for document in documents:
-            try:
-                jobs.append(_codec.decode_job(document, self.serializer))
-            except DeserializationError as exc:
-                self._logger.warning("Skipping job %r: %s", document.get("_id"), exc)
-        return jobs
+        return self._decode_each(documents, _codec.decode_job)
 
     async def _queue_head(self, query: dict[str, Any], limit: int) -> list[dict[str, Any]]:
         """Unclaimed jobs in queue order, each with its task's ``max_running_jobs`` joined in

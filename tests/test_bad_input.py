@@ -129,7 +129,7 @@ async def test_corrupt_schedule_is_skipped_with_a_warning(
         await store.add_schedule(Schedule(id=name, task_id="t", trigger=IntervalTrigger(seconds=1),
                                           job_executor="async"), ConflictPolicy.exception)
     await backend.db()["apsched_schedules"].update_one({"_id": "bad"},
-                                                       {"$set": {"state": "not bytes"}})
+                                                       {"$set": {"state": b"\x80garbage"}})
     assert [s.id for s in await store.get_schedules()] == ["ok"]
     assert any("'bad'" in record.getMessage() for record in caplog.records)
     assert await backend.db()["apsched_schedules"].count_documents({}) == 2  # nothing deleted
