@@ -23,6 +23,7 @@ from pymongo import AsyncMongoClient
 from apsched_mongo import MongoDBDataStore
 from apsched_mongo._client import CODEC_OPTIONS
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
+from tests.broker_helpers import LOGGER, LogWatch
 
 REAL_URI_ENV = "APSCHED_MONGO_TEST_URI"
 
@@ -149,3 +150,13 @@ async def started(backend: Backend, logger: logging.Logger) -> AsyncIterator[
 def caplog_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     caplog.set_level(logging.WARNING)
     yield caplog
+
+
+@pytest.fixture
+def logs() -> Iterator[LogWatch]:
+    """Watches the log records of the brokers started by the broker tests."""
+    handler = LogWatch()
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.DEBUG)
+    yield handler
+    LOGGER.removeHandler(handler)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from time import monotonic
@@ -33,26 +33,22 @@ from apsched_mongo.datastore import MongoDBDataStore
 from apsched_mongo.errors import ApschedMongoError, IndexConflictError, ServerUnreachableError
 from apsched_mongo.eventbroker import MongoDBEventBroker
 from apsched_mongo.memory import MemoryMongoClient
+from tests.broker_helpers import (
+    LOGGER,
+    TIMEOUT,
+    Inbox,
+    LogWatch,
+    job_added,
+    unserializable_event,
+)
 from tests.conftest import Backend
-from tests.test_eventbroker_wire import Inbox, LogWatch, job_added, unserializable_event
 
-LOGGER = logging.getLogger("apsched_mongo.tests.eventbroker")
 COLLECTION = "apsched_events"
-TIMEOUT = 10
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    handler = LogWatch()
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.DEBUG)
-    yield handler
-    LOGGER.removeHandler(handler)
 
 
 @attrs.define

@@ -13,8 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
-from uuid import uuid4
+from typing import Any
 
 import anyio
 import pytest
@@ -26,10 +25,9 @@ from pymongo import AsyncMongoClient
 
 from apsched_mongo.errors import ApschedMongoError
 from apsched_mongo.eventbroker import MongoDBEventBroker
+from tests.broker_helpers import LOGGER, TIMEOUT, Inbox, LogWatch, job_added, unserializable_event
 
-LOGGER = logging.getLogger("apsched_mongo.tests.eventbroker_wire")
 DB, COLL = "apscheduler", "apsched_events"
-TIMEOUT = 10
 
 
 @pytest.fixture
@@ -123,56 +121,6 @@ def standalone_wire() -> Iterator[Wire]:
     wire.stop()
 
 
-class Inbox:
-    """A subscriber that records events and lets tests wait for them."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._arrived = anyio.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        self._arrived.set()
-        self._arrived = anyio.Event()
-
-    async def wait_for(self, count: int) -> list[Event]:
-        with anyio.fail_after(TIMEOUT):
-            while len(self.events) < count:
-                await self._arrived.wait()
-        return self.events
-
-
-class LogWatch(logging.Handler):
-    """Collects the broker's log records; tests can wait for a particular one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._arrived = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._arrived.set()
-        self._arrived = anyio.Event()
-
-    def messages(self, level: int) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno == level]
-
-    async def wait_for(self, level: int, text: str) -> None:
-        with anyio.fail_after(TIMEOUT):
-            while not any(text in message for message in self.messages(level)):
-                await self._arrived.wait()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    handler = LogWatch()
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.DEBUG)
-    yield handler
-    LOGGER.removeHandler(handler)
-
-
 @asynccontextmanager
 async def running(broker: MongoDBEventBroker) -> AsyncIterator[Inbox]:
     """Start ``broker`` in a host task (its exit stack must be left in the task that entered
@@ -193,10 +141,6 @@ async def running(broker: MongoDBEventBroker) -> AsyncIterator[Inbox]:
             yield inbox
         finally:
             stop.set()
-
-
-def job_added(task_id: str = "task") -> JobAdded:
-    return JobAdded(job_id=uuid4(), task_id=task_id, schedule_id=None)
 
 
 def event_document(event: Event, node: str = "other-node") -> dict[str, Any]:
@@ -234,15 +178,6 @@ async def open_stream(wire: Wire) -> Any:
     aggregate = await wire.receives("aggregate")
     aggregate.replies(cursor_reply([], token(0), first=True))
     return aggregate
-
-
-class UnserializableValue:
-    def __getstate__(self) -> Any:
-        raise TypeError("this object refuses to be serialized")
-
-
-def unserializable_event() -> JobAdded:
-    return JobAdded(job_id=uuid4(), task_id=cast(Any, UnserializableValue()), schedule_id=None)
 
 
 # --- tests ----------------------------------------------------------------------------------

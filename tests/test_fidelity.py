@@ -255,7 +255,7 @@ async def test_aggregate_lookup_with_a_counting_sub_pipeline(backend: Any) -> No
                      "as": "running"}},
     ])
     documents = await cursor.to_list(None)
-    assert [d["running"] for d in documents][0] == [{"n": 2}]
+    assert documents[0]["running"] == [{"n": 2}]
     # MongoDB's $count emits nothing for no input; mongomock-ng emits {"n": 0}. The store
     # sums the counts, which is right either way -- this checks both stay summable to 0.
     assert documents[1]["running"] in ([], [{"n": 0}])

@@ -1,0 +1,68 @@
+"""Test aids for the event broker's test modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+from uuid import uuid4
+
+import anyio
+from apscheduler import Event, JobAdded
+
+#: The logger both broker test modules hand to brokers (the ``logs`` fixture watches it)
+LOGGER = logging.getLogger("apsched_mongo.tests.eventbroker")
+TIMEOUT = 10
+
+
+class Inbox:
+    """A subscriber that records events and lets tests wait for them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._arrived = anyio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+        self._arrived = anyio.Event()
+
+    async def wait_for(self, count: int) -> list[Event]:
+        with anyio.fail_after(TIMEOUT):
+            while len(self.events) < count:
+                await self._arrived.wait()
+        return self.events
+
+
+class LogWatch(logging.Handler):
+    """Collects the broker's log records; tests can wait for a particular one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._arrived = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._arrived.set()
+        self._arrived = anyio.Event()
+
+    def messages(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+    async def wait_for(self, level: int, text: str) -> None:
+        with anyio.fail_after(TIMEOUT):
+            while not any(text in message for message in self.messages(level)):
+                await self._arrived.wait()
+
+
+def job_added(task_id: str = "task") -> JobAdded:
+    return JobAdded(job_id=uuid4(), task_id=task_id, schedule_id=None)
+
+
+class UnserializableValue:
+    def __getstate__(self) -> Any:
+        raise TypeError("this object refuses to be serialized")
+
+
+def unserializable_event() -> JobAdded:
+    return JobAdded(job_id=uuid4(), task_id=cast(Any, UnserializableValue()), schedule_id=None)
