@@ -26,7 +26,7 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--strict", "apsched_mongo")
 
 
-@nox.session(python="3.12")
+@nox.session
 def docs(session: nox.Session) -> None:
     """Build the HTML documentation; any Sphinx warning fails the build (-W)."""
     session.install("-e", ".[docs]")
