@@ -7,7 +7,7 @@ from typing import Any
 
 from bson import CodecOptions, UuidRepresentation
 from bson.tz_util import utc
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 from pymongo.uri_parser import parse_uri
 
@@ -74,13 +74,31 @@ def accept_client_or_uri(client_or_uri: Any) -> tuple[str | None, Any]:
     client is created at start, inside the event loop that will use it), or
     ``(None, client)`` for a ready client."""
     if isinstance(client_or_uri, str):
-        create_client(client_or_uri)
+        require_acknowledged_writes(create_client(client_or_uri))
         return client_or_uri, None
     if hasattr(client_or_uri, "get_database"):
+        require_acknowledged_writes(client_or_uri)
         return None, client_or_uri
     raise TypeError(
         "client_or_uri must be a MongoDB URI, a pymongo.AsyncMongoClient or a "
         f"MemoryMongoClient, not {type(client_or_uri).__name__}"
+    )
+
+
+def require_acknowledged_writes(client: Any) -> None:
+    """Claims and releases read their write results; ``w=0`` would make them guesses."""
+    write_concern = getattr(client, "write_concern", None)
+    if write_concern is not None and not write_concern.acknowledged:
+        raise ValueError(
+            "apsched-mongo needs acknowledged writes: remove w=0 from the URI or client options"
+        )
+
+
+def database_of(client: Any, name: str) -> Any:
+    """Our handle on database ``name``: exact datetimes and UUIDs, and reads from the primary
+    whatever the client's read preference (a claim must see the writes it just made)."""
+    return client.get_database(
+        name, codec_options=CODEC_OPTIONS, read_preference=ReadPreference.PRIMARY
     )
 
 

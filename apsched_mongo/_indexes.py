@@ -6,8 +6,12 @@ from typing import Any
 
 import attrs
 from pymongo import IndexModel
+from pymongo.errors import OperationFailure
 
 from .errors import IndexConflictError
+
+# IndexOptionsConflict, IndexKeySpecsConflict
+_INDEX_CONFLICT_CODES = frozenset({85, 86})
 
 
 @attrs.frozen
@@ -47,8 +51,13 @@ def existing_options(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _direction(direction: Any) -> Any:
+    """1 and 1.0 (mongosh writes doubles) alike; "hashed", "text", "2dsphere" as they are."""
+    return int(direction) if isinstance(direction, int | float) else direction
+
+
 def same_keys(info: dict[str, Any], spec: IndexSpec) -> bool:
-    return [(field, int(direction)) for field, direction in info["key"]] == spec.keys
+    return [(field, _direction(direction)) for field, direction in info["key"]] == spec.keys
 
 
 def conflict_with(spec: IndexSpec, existing: dict[str, Any]) -> str | None:
@@ -79,4 +88,11 @@ async def ensure_indexes(collection: Any, specs: list[IndexSpec]) -> None:
             )
     missing = [spec.model() for spec in specs if not is_present(spec, existing)]
     if missing:
-        await collection.create_indexes(missing)
+        try:
+            await collection.create_indexes(missing)
+        except OperationFailure as exc:
+            if exc.code not in _INDEX_CONFLICT_CODES:
+                raise
+            # Someone created a conflicting index since we looked: name it like above
+            await ensure_indexes(collection, specs)
+            raise

@@ -41,9 +41,9 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from . import _codec
 from ._client import (
-    CODEC_OPTIONS,
     accept_client_or_uri,
     create_client,
+    database_of,
     describe_hosts,
     ping,
     redact_uri,
@@ -73,7 +73,8 @@ def index_specs() -> dict[str, list[IndexSpec]]:
                       partial={"acquired_until": exists}),
         ],
         "jobs": [
-            IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING)]),
+            IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING),
+                                        ("_id", ASCENDING)]),
             # Also counts a task's running jobs from index bounds alone
             IndexSpec("apsched_task_running",
                       [("task_id", ASCENDING), ("acquired_by", ASCENDING)]),
@@ -140,16 +141,12 @@ class MongoDBDataStore(BaseExternalDataStore):
         return f"{type(self).__name__}({where!r}, database={self.database!r})"
 
     def _bind(self, client: Any) -> None:
-        database = client.get_database(self.database, codec_options=CODEC_OPTIONS)
+        database = database_of(client, self.database)
         prefix = self.collection_prefix
-        self._tasks = database.get_collection(prefix + "tasks", codec_options=CODEC_OPTIONS)
-        self._schedules = database.get_collection(
-            prefix + "schedules", codec_options=CODEC_OPTIONS
-        )
-        self._jobs = database.get_collection(prefix + "jobs", codec_options=CODEC_OPTIONS)
-        self._results = database.get_collection(
-            prefix + "job_results", codec_options=CODEC_OPTIONS
-        )
+        self._tasks = database.get_collection(prefix + "tasks")
+        self._schedules = database.get_collection(prefix + "schedules")
+        self._jobs = database.get_collection(prefix + "jobs")
+        self._results = database.get_collection(prefix + "job_results")
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -324,12 +321,11 @@ class MongoDBDataStore(BaseExternalDataStore):
 
         async def remove(schedule_id: str) -> None:
             # One document at a time, so exactly one remover publishes each removal
-            document = await self._run("remove_schedules", lambda: (
-                self._schedules.find_one_and_delete(
-                    {"_id": schedule_id, **condition}, projection={"task_id": True}
-                )
+            query = {"_id": schedule_id, **condition}
+            document = await self._run("remove_schedules", lambda: self._schedules.find_one(
+                query, projection={"task_id": True}
             ))
-            if document:
+            if document and await self._delete_once("remove_schedules", self._schedules, query):
                 removed.append(document)
 
         async with create_task_group() as tg:
@@ -642,23 +638,26 @@ class MongoDBDataStore(BaseExternalDataStore):
 
         await self._run("store job results", insert)
 
-    async def _delete_job_once(self, what: str, query: dict[str, Any]) -> bool:
-        """Delete the job matching ``query``; True if this call deleted it. Deletion is the
-        commit point of a release: exactly one releaser wins and publishes. A retry after a
-        lost reply finds the job gone, which means our first attempt landed."""
+    async def _delete_once(self, what: str, collection: Any, query: dict[str, Any]) -> bool:
+        """Delete the document matching ``query``; True if this call deleted it. Deletion is
+        the commit point of a release or removal: exactly one node wins and publishes. A
+        retry after a lost reply finds the document gone, which means our first attempt
+        landed. (Should the first attempt have failed *before* reaching the server and
+        another node have deleted the document meantime -- which for a job takes its lease
+        running out -- both would publish: a window documented in the internals.)"""
         attempts = 0
 
         async def delete() -> bool:
             nonlocal attempts
             attempts += 1
-            outcome = await self._jobs.delete_one(query)
+            outcome = await collection.delete_one(query)
             return bool(outcome.deleted_count) or attempts > 1
 
         return await self._run(what, delete)
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         owned = {"_id": job.id, "acquired_by": {"$in": [scheduler_id, None]}}
-        if not await self._delete_job_once("release_job", owned):
+        if not await self._delete_once("release_job", self._jobs, owned):
             self._logger.warning(
                 "Job %s was no longer held by scheduler %r (its lease expired and it was "
                 "released elsewhere); result not recorded", job.id, scheduler_id,
@@ -670,10 +669,15 @@ class MongoDBDataStore(BaseExternalDataStore):
         ))
 
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
-        document = await self._run("get_job_result", lambda: self._results.find_one_and_delete(
+        # Read, then delete: unlike find_one_and_delete, each step can be retried after a
+        # lost reply without losing the result
+        document = await self._run("get_job_result", lambda: self._results.find_one(
             {"_id": job_id}
         ))
-        if not document or document["expires_at"] <= await self._server_now():
+        if not document:
+            return None
+        await self._run("get_job_result", lambda: self._results.delete_one({"_id": job_id}))
+        if document["expires_at"] <= await self._server_now():
             return None
         return _codec.decode_result(document, self.serializer)
 
@@ -693,7 +697,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         released: list[tuple[dict[str, Any], JobResult, Job | None]] = []
         for document in documents:
             owned = {"_id": document["_id"], "lease": document.get("lease")}
-            if not await self._delete_job_once(what, owned):
+            if not await self._delete_once(what, self._jobs, owned):
                 continue
             try:
                 job: Job | None = _codec.decode_job(document, self.serializer)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from logging import Logger
 from time import monotonic
@@ -22,9 +22,9 @@ from pymongo.errors import CursorNotFound, DuplicateKeyError, OperationFailure, 
 from tenacity import AsyncRetrying, RetryCallState
 
 from ._client import (
-    CODEC_OPTIONS,
     accept_client_or_uri,
     create_client,
+    database_of,
     describe_hosts,
     ping,
     redact_uri,
@@ -47,6 +47,17 @@ _NO_CHANGE_STREAMS = 40573  # "$changeStream is only supported on replica sets"
 # The resume token is useless: its history left the oplog (286), the server gave up on the
 # stream (280) or does not recognise the token (260). Resuming is impossible.
 _TOKEN_LOST = frozenset({260, 280, 286})
+
+
+@asynccontextmanager
+async def _closing(stream: Any) -> AsyncIterator[Any]:
+    """Close a change stream even when cancelled (shutdown), so the server-side cursor is
+    killed now rather than when the server times it out."""
+    try:
+        yield stream
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.close()
 
 
 def _as_timedelta(value: timedelta | float) -> timedelta:
@@ -188,8 +199,8 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         await super().start(exit_stack, logger)
         # A restarted broker listens from now on, like a new one
         self._token, self._since, self._seen = None, None, []
-        database = self._client.get_database(self.database, codec_options=CODEC_OPTIONS)
-        self._collection = database.get_collection(self.collection, codec_options=CODEC_OPTIONS)
+        database = database_of(self._client, self.database)
+        self._collection = database.get_collection(self.collection)
         sent_at, started = self.local_clock(), monotonic()
         hello = await ping(self._client, self._uri)
         self._clock.observe(hello, sent_at, monotonic() - started)
@@ -304,7 +315,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             try:
                 if stream is None:
                     stream = await self._open_stream()
-                async with stream:
+                async with _closing(stream):
                     while stream.alive:
                         change = await stream.try_next()
                         failures = 0

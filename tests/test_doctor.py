@@ -191,3 +191,10 @@ def test_deployment_docs_list_every_index() -> None:
     for specs in index_specs().values():
         for spec in specs:
             assert f"``{spec.name}``" in text, spec.name
+
+
+async def test_a_freshly_started_store_is_healthy(started: Any, backend: Any) -> None:
+    """start() creates no tasks collection (it has no indexes); that is not a problem."""
+    await started()
+    report = await diagnose(backend.client(), backend.database)
+    assert report.problems == []

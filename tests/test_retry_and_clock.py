@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from apscheduler import Job, Task
+from apscheduler import (
+    ConflictPolicy,
+    Job,
+    JobOutcome,
+    JobReleased,
+    JobResult,
+    RetrySettings,
+    Schedule,
+    ScheduleRemoved,
+    Task,
+)
+from apscheduler.triggers.interval import IntervalTrigger
 from pymongo.errors import (
     AutoReconnect,
     ConfigurationError,
@@ -18,11 +31,16 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
     WriteError,
 )
+from tenacity import stop_after_attempt, wait_fixed
 
+from apsched_mongo import MongoDBDataStore
 from apsched_mongo._retry import is_temporary
+from tests.conftest import RecordingBroker
+from tests.faults import FaultPlan, FaultyClient
 from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.anyio
+_log = logging.getLogger(__name__)
 
 
 @pytest.mark.parametrize("exc", [
@@ -61,3 +79,53 @@ async def test_leases_follow_the_server_clock_not_a_skewed_node(started: Any) ->
     expected = datetime.now(UTC) + timedelta(seconds=30)
     assert job.acquired_until is not None
     assert abs(job.acquired_until - expected) < timedelta(seconds=5)
+
+
+class LoseFirstReply(FaultPlan):
+    """The first call of each named operation is applied, but its reply is lost."""
+
+    def __init__(self, *operations: str) -> None:
+        super().__init__(seed=0, enabled=True)
+        self.pending = set(operations)
+
+    def check_before(self, what: str, args: tuple[Any, ...] = (),
+                     kwargs: dict[str, Any] | None = None) -> str | None:
+        self.attempts[what] += 1
+        if what in self.pending:
+            self.pending.discard(what)
+            return "after"
+        return None
+
+
+async def _faulty_store(backend: Any, plan: FaultPlan, stack: AsyncExitStack) -> Any:
+    broker = RecordingBroker()
+    await broker.start(stack, _log)
+    store = MongoDBDataStore(
+        FaultyClient(backend.client(), plan), database=backend.database,
+        retry_settings=RetrySettings(stop=stop_after_attempt(5), wait=wait_fixed(0)),
+    )
+    await store.start(stack, broker, _log)
+    return store, broker
+
+
+async def test_lost_replies_lose_no_result_and_no_event(backend: Any) -> None:
+    plan = LoseFirstReply("apsched_jobs.delete_one", "apsched_job_results.insert_many",
+                          "apsched_job_results.find_one", "apsched_job_results.delete_one",
+                          "apsched_schedules.delete_one")
+    async with AsyncExitStack() as stack:
+        store, broker = await _faulty_store(backend, plan, stack)
+        await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
+        await store.add_job(Job(task_id="t", executor="async",
+                                result_expiration_time=timedelta(minutes=1)))
+        [job] = await store.acquire_jobs("s1", timedelta(seconds=30), 1)
+        await store.release_job("s1", job, JobResult.from_job(job, JobOutcome.success,
+                                                              return_value=42))
+        result = await store.get_job_result(job.id)
+        await store.add_schedule(Schedule(id="s", task_id="t", trigger=IntervalTrigger(hours=1),
+                                          job_executor="async"), ConflictPolicy.exception)
+        await store.remove_schedules(["s"])
+
+    assert plan.pending == set()  # every reply above was lost once
+    assert result is not None and result.return_value == 42
+    assert [e.job_id for e in broker.of_type(JobReleased)] == [job.id]
+    assert [e.schedule_id for e in broker.of_type(ScheduleRemoved)] == ["s"]
