@@ -133,3 +133,39 @@ async def test_corrupt_schedule_is_skipped_with_a_warning(
     assert [s.id for s in await store.get_schedules()] == ["ok"]
     assert any("'bad'" in record.getMessage() for record in caplog.records)
     assert await backend.db()["apsched_schedules"].count_documents({}) == 2  # nothing deleted
+
+
+async def test_existing_hashed_indexes_are_accepted(backend: Any, started: Any) -> None:
+    """Users shard on {_id: "hashed"}: such an index must not trip the index checks."""
+    from apsched_mongo import MongoDBEventBroker
+    from apsched_mongo.doctor import diagnose
+
+    db = backend.db()
+    for name in ("apsched_schedules", "apsched_job_results", "apsched_events"):
+        await db[name].create_indexes([IndexModel([("_id", "hashed")])])
+    await started()
+    async with AsyncExitStack() as stack:
+        broker = MongoDBEventBroker(backend.client(), database=backend.database)
+        await broker.start(stack, log)
+    report = await diagnose(backend.client(), backend.database)
+    assert report.problems == []
+
+
+def test_unacknowledged_writes_are_refused() -> None:
+    from pymongo import AsyncMongoClient
+
+    with pytest.raises(ValueError, match="acknowledged writes"):
+        MongoDBDataStore("mongodb://localhost/?w=0")
+    with pytest.raises(ValueError, match="acknowledged writes"):
+        MongoDBDataStore(AsyncMongoClient("mongodb://localhost", w=0, connect=False))
+
+
+def test_reads_go_to_the_primary_whatever_the_client_prefers() -> None:
+    """A claim re-reads what it just wrote; a lagging secondary would not have it."""
+    from pymongo import AsyncMongoClient, ReadPreference
+
+    client: Any = AsyncMongoClient("mongodb://localhost", readPreference="secondaryPreferred",
+                                   connect=False)
+    store = MongoDBDataStore(client)
+    for collection in (store._tasks, store._schedules, store._jobs, store._results):
+        assert collection.read_preference == ReadPreference.PRIMARY
