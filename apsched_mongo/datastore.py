@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 from functools import partial
+from time import monotonic
 from logging import Logger
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -212,9 +213,9 @@ class MongoDBDataStore(BaseExternalDataStore):
             exit_stack.push_async_callback(self._client.close)
             self._bind(self._client)
 
-        sent_at = self.local_clock()
+        sent_at, started = self.local_clock(), monotonic()
         hello = await ping(self._client, self._uri)
-        self._clock.observe(hello, sent_at, 0.0)
+        self._clock.observe(hello, sent_at, monotonic() - started)
         if hello.get("maxWireVersion", 0) < 13:
             raise RuntimeError("apsched-mongo needs MongoDB 5.0 or newer")
 
