@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 from functools import partial
-from time import monotonic
 from logging import Logger
+from time import monotonic
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
