@@ -5,7 +5,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .datastore import MongoDBDataStore
-from .errors import IndexConflictError, ServerUnreachableError, UnsupportedByMemoryBackend
+from .errors import (
+    IncompatibleDataError,
+    IndexConflictError,
+    ServerUnreachableError,
+    UnsupportedByMemoryBackend,
+)
 from .eventbroker import MongoDBEventBroker
 
 try:
@@ -14,6 +19,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "IncompatibleDataError",
     "IndexConflictError",
     "MongoDBDataStore",
     "MongoDBEventBroker",

@@ -37,7 +37,7 @@ from apscheduler import (
 )
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.datastores.base import BaseExternalDataStore
-from pymongo import ASCENDING, DeleteOne, UpdateMany, UpdateOne
+from pymongo import ASCENDING, DeleteOne, ReturnDocument, UpdateMany, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from . import _codec
@@ -53,11 +53,16 @@ from ._clock import ServerClock, utc_now
 from ._indexes import IndexSpec, ensure_indexes
 from ._names import check_collection_prefix, check_database_name
 from ._retry import retrying
+from .errors import IncompatibleDataError
 
 T = TypeVar("T")
 _DUPLICATE_KEY = 11000
 JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
 
+
+#: The layout of our documents. A store refuses data written in a newer layout rather than
+#: misread it; a future layout change bumps this and migrates older data at start.
+FORMAT_VERSION = 1
 
 _COLLECTION_ATTRIBUTES = {"schedules": "_schedules", "jobs": "_jobs", "job_results": "_results"}
 
@@ -130,6 +135,7 @@ class MongoDBDataStore(BaseExternalDataStore):
     _schedules: Any = attrs.field(init=False)
     _jobs: Any = attrs.field(init=False)
     _results: Any = attrs.field(init=False)
+    _meta: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._uri, self._client = accept_client_or_uri(self.client_or_uri)
@@ -148,6 +154,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         self._schedules = database.get_collection(prefix + "schedules")
         self._jobs = database.get_collection(prefix + "jobs")
         self._results = database.get_collection(prefix + "job_results")
+        self._meta = database.get_collection(prefix + "meta")
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -224,6 +231,22 @@ class MongoDBDataStore(BaseExternalDataStore):
                 await self._run("start_from_scratch", partial(collection.delete_many, {}))
 
         await self._run("create indexes", self._create_indexes)
+        await self._check_format()
+
+    async def _check_format(self) -> None:
+        """Record our data format in a new database; refuse one written by a newer version."""
+        document = await self._run("check the data format", lambda: (
+            self._meta.find_one_and_update(
+                {"_id": "format"}, {"$setOnInsert": {"version": FORMAT_VERSION}},
+                upsert=True, return_document=ReturnDocument.AFTER,
+            )
+        ))
+        if document["version"] > FORMAT_VERSION:
+            raise IncompatibleDataError(
+                f"database {self.database!r} holds apsched-mongo data in format "
+                f"{document['version']}, newer than this version's {FORMAT_VERSION}; "
+                "upgrade apsched-mongo on this node (nothing was changed)"
+            )
 
     async def _create_indexes(self) -> None:
         for name, specs in index_specs().items():

@@ -17,3 +17,7 @@ class IndexConflictError(ApschedMongoError):
 
 class UnsupportedByMemoryBackend(ApschedMongoError, NotImplementedError):
     """The in-memory fake cannot do this faithfully, so it refuses instead of guessing."""
+
+
+class IncompatibleDataError(ApschedMongoError):
+    """The database holds data in a layout this version does not know (a newer one)."""

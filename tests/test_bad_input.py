@@ -22,7 +22,12 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.triggers.interval import IntervalTrigger
 from pymongo import ASCENDING, IndexModel
 
-from apsched_mongo import IndexConflictError, MongoDBDataStore, ServerUnreachableError
+from apsched_mongo import (
+    IncompatibleDataError,
+    IndexConflictError,
+    MongoDBDataStore,
+    ServerUnreachableError,
+)
 
 pytestmark = pytest.mark.anyio
 LEASE = timedelta(seconds=30)
@@ -169,3 +174,17 @@ def test_reads_go_to_the_primary_whatever_the_client_prefers() -> None:
     store = MongoDBDataStore(client)
     for collection in (store._tasks, store._schedules, store._jobs, store._results):
         assert collection.read_preference == ReadPreference.PRIMARY
+
+
+async def test_data_in_a_newer_format_is_refused_and_left_alone(
+    backend: Any, started: Any
+) -> None:
+    store, _ = await started()
+    await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
+    meta = backend.db()["apsched_meta"]
+    assert (await meta.find_one({"_id": "format"}))["version"] == 1
+    await meta.update_one({"_id": "format"}, {"$set": {"version": 2}})
+    with pytest.raises(IncompatibleDataError, match="format 2, newer than this version's 1"):
+        await started()
+    assert await backend.db()["apsched_tasks"].count_documents({}) == 1
+    assert (await meta.find_one({"_id": "format"}))["version"] == 2

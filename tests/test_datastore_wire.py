@@ -39,7 +39,8 @@ async def store(wire: Wire) -> AsyncIterator[tuple[MongoDBDataStore, RecordingBr
     async with AsyncExitStack() as stack:
         broker = RecordingBroker()
         await broker.start(stack, log)
-        await store.start(stack, broker, log)
+        with anyio.fail_after(20):
+            await store.start(stack, broker, log)
         yield store, broker
 
 

@@ -48,6 +48,9 @@ class Wire:
                 return bool(request.replies(cursor={"id": 0, "ns": namespace,
                                                     "firstBatch": []}))
             return bool(request.replies())
+        if name == "findandmodify" and str(request.doc["findAndModify"]).endswith("meta"):
+            # the data store's format check at start
+            return bool(request.replies(value={"_id": "format", "version": 1}))
         if name == "killcursors":
             return bool(request.replies(cursorsKilled=request["cursors"]))
         if name == "endsessions":
