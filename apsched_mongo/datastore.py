@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
@@ -273,35 +274,30 @@ class MongoDBDataStore(BaseExternalDataStore):
             raise TaskLookupError(task_id)
         await self._event_broker.publish(TaskRemoved(task_id=task_id))
 
-    async def _tasks_with_running_counts(self, match: dict[str, Any]) -> list[Task]:
-        """Tasks sorted by id, each with its number of acquired jobs, in one round trip."""
-        pipeline = [
-            {"$match": match},
-            {"$sort": {"_id": ASCENDING}},
-            {"$lookup": {"from": self._jobs.name, "localField": "_id", "foreignField": "task_id",
-                         "pipeline": [{"$match": {"acquired_by": {"$ne": None}}},
-                                      {"$count": "n"}],
-                         "as": "running"}},
-        ]
-
-        async def tasks() -> list[dict[str, Any]]:
-            documents: list[dict[str, Any]] = await (
-                await self._tasks.aggregate(pipeline)
-            ).to_list(None)
-            return documents
-
-        documents = await self._run("get tasks", tasks)
-        return [_codec.decode_task(doc, self.serializer, sum(c["n"] for c in doc["running"]))
+    async def _find_tasks(self, match: dict[str, Any]) -> list[Task]:
+        """Tasks sorted by id. ``running_jobs`` counts the ``max_running_jobs`` slots in use:
+        that is this store's task accounting. A task without a limit holds no slots and
+        reports 0, so the scheduler's per-job ``get_task`` costs one query, not a count of
+        the queue."""
+        documents = await self._find("get tasks", self._tasks, match, sort=[("_id", ASCENDING)])
+        limited = [doc["_id"] for doc in documents if doc.get("max_running_jobs") is not None]
+        running: dict[str, int] = {}
+        if limited:
+            holders = await self._find("get tasks", self._jobs,
+                                       {"task_id": {"$in": limited}, "slot": {"$exists": True}},
+                                       projection={"task_id": True})
+            running = Counter(doc["task_id"] for doc in holders)
+        return [_codec.decode_task(doc, self.serializer, running.get(doc["_id"], 0))
                 for doc in documents]
 
     async def get_task(self, task_id: str) -> Task:
-        tasks = await self._tasks_with_running_counts({"_id": task_id})
+        tasks = await self._find_tasks({"_id": task_id})
         if not tasks:
             raise TaskLookupError(task_id)
         return tasks[0]
 
     async def get_tasks(self) -> list[Task]:
-        return await self._tasks_with_running_counts({})
+        return await self._find_tasks({})
 
     # --- schedules --------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ makes, and refuses -- loudly -- what the fake would get wrong:
   :class:`~apsched_mongo.errors.UnsupportedByMemoryBackend` (the fake would ignore them);
 * change streams raise the same :class:`~pymongo.errors.OperationFailure` (code 40573) as a
   standalone server, so code that falls back to polling there does so here too;
-* ``hello`` answers like a standalone server, with the local clock as ``localTime``.
+* ``hello`` answers like a standalone server, with the local clock as ``localTime``;
+* a document outside a partial unique index's filter is not checked against it, as in
+  MongoDB (mongomock-ng scans the collection for it on every write).
 
 Every operation yields to the event loop first, as a network round trip would, so tasks
 racing for the same documents interleave. Clients made from one :class:`MemoryServer` share
@@ -24,6 +26,8 @@ from typing import Any, TypeVar
 
 try:
     import mongomock_ng
+    import mongomock_ng.collection
+    from mongomock_ng.filtering import filter_applies
     from mongomock_ng.store import ServerStore
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -39,6 +43,24 @@ from ._client import CODEC_OPTIONS
 from .errors import UnsupportedByMemoryBackend
 
 __all__ = ["MemoryCollection", "MemoryDatabase", "MemoryMongoClient", "MemoryServer"]
+
+_ensure_uniques = mongomock_ng.collection.Collection._ensure_uniques
+
+
+def _ensure_uniques_of_indexed(self: Any, new_data: Any) -> None:
+    """A document outside every unique index's partialFilterExpression is in none of them,
+    so MongoDB checks it against nothing. mongomock-ng checks it anyway, scanning the whole
+    collection per write (and can report a false duplicate)."""
+    for index in self._store.indexes.values():
+        partial = index.get("partialFilterExpression")
+        if index.get("unique") and (
+            partial is None or filter_applies(partial, new_data)  # type: ignore[no-untyped-call]
+        ):
+            _ensure_uniques(self, new_data)  # type: ignore[no-untyped-call]
+            return
+
+
+mongomock_ng.collection.Collection._ensure_uniques = _ensure_uniques_of_indexed  # type: ignore[method-assign]
 
 T = TypeVar("T")
 _SERVER_VARIABLES = ("$$NOW", "$$CLUSTER_TIME")

@@ -122,6 +122,22 @@ class _CommandListener(monitoring.CommandListener):
         pass
 
 
+#: Simulated network round trip per command on the in-memory back end (``--rtt-ms``), in
+#: seconds: the same for both stores, spent without blocking (ours awaits, the built-in's
+#: worker thread sleeps), so figures reflect how many round trips each store makes.
+SIMULATED_RTT = 0.0
+
+
+async def _async_round_trip() -> None:
+    if SIMULATED_RTT:
+        await anyio.sleep(SIMULATED_RTT)
+
+
+def _sync_round_trip() -> None:
+    if SIMULATED_RTT:
+        time.sleep(SIMULATED_RTT)
+
+
 class _CountingAsyncCursor:
     """Counts one command per ``to_list`` (a whole result in one batch) or iteration."""
 
@@ -138,6 +154,7 @@ class _CountingAsyncCursor:
 
     async def to_list(self, length: int | None = None) -> list[Any]:
         self._counter.hit(self._name)
+        await _async_round_trip()
         documents: list[Any] = await self._cursor.to_list(length)
         return documents
 
@@ -163,6 +180,7 @@ class _CountingAsyncCollection:
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
             self._counter.hit(name)
+            await _async_round_trip()
             return await attribute(*args, **kwargs)
 
         return counted
@@ -181,6 +199,7 @@ class _CountingAsyncDatabase:
 
     async def command(self, command: Any, **kwargs: Any) -> Any:
         self._counter.hit(command if isinstance(command, str) else next(iter(command)))
+        await _async_round_trip()
         return await self._inner.command(command, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -227,6 +246,7 @@ class _CountingSyncCursor:
     def __next__(self) -> Any:
         if self._documents is None:
             self._counter.hit("find")
+            _sync_round_trip()
             with self._lock:
                 cursor = self._run()
                 if self._sort:
@@ -255,6 +275,7 @@ class _CountingSyncCollection:
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self._counter.hit(name)
+            _sync_round_trip()
             with self._lock:  # the async MemoryMongoClient takes the same lock
                 return attribute(*args, **kwargs)
 
@@ -284,6 +305,7 @@ class CountingSyncClient:
 
     def server_info(self) -> Any:
         self._counter.hit("buildInfo")
+        _sync_round_trip()
         with self._lock:
             return self._inner.server_info()
 
@@ -460,8 +482,12 @@ async def wakeup_job(key: str) -> None:
 
 
 async def jobs_per_second(backend: Backend, kind: str, nodes: int, jobs: int,
-                          time_limit: float) -> float:
-    """Jobs/s: ``jobs`` no-op jobs added on node 0, run by ``nodes`` schedulers."""
+                          time_limit: float, *, queued: bool = False) -> float:
+    """Jobs/s: ``jobs`` no-op jobs added on node 0, run by ``nodes`` schedulers.
+
+    ``queued=False``: added one by one while the schedulers run (one producer, so the
+    add path counts too). ``queued=True``: all queued first, then the schedulers start and
+    drain the queue (the job-processing path alone)."""
     run_id = uuid4().hex
     done = anyio.Event()
     _targets[run_id] = (jobs, done)
@@ -475,12 +501,16 @@ async def jobs_per_second(backend: Backend, kind: str, nodes: int, jobs: int,
                                        identity=f"{kind}-{i}", cleanup_interval=NO_CLEANUP)
             await stack.enter_async_context(scheduler)
             schedulers.append(scheduler)
-        for scheduler in schedulers:
-            await scheduler.start_in_background()
-        started_at = time.perf_counter()
-        with anyio.fail_after(time_limit):
+        if queued:
             for _ in range(jobs):
                 await schedulers[0].add_job(bench_job, args=(run_id,))
+        started_at = time.perf_counter()
+        for scheduler in schedulers:
+            await scheduler.start_in_background()
+        with anyio.fail_after(time_limit):
+            if not queued:
+                for _ in range(jobs):
+                    await schedulers[0].add_job(bench_job, args=(run_id,))
             await done.wait()
         elapsed = time.perf_counter() - started_at
         for scheduler in schedulers:
@@ -563,11 +593,12 @@ class Config:
     wakeup_samples: int
     heartbeat: float
     timeout: float
+    rtt_ms: float = 0.0
 
     @classmethod
-    def make(cls, quick: bool, uri: bool) -> Config:
+    def make(cls, quick: bool, uri: bool, rtt_ms: float = 0.0) -> Config:
         return cls(
-            quick=quick, uri=uri,
+            quick=quick, uri=uri, rtt_ms=rtt_ms,
             lifecycle_rounds={1: 10, 10: 2, 100: 1} if quick else {1: 50, 10: 10, 100: 2},
             fire_batches=(1, 10), fire_rounds=2 if quick else 5,
             jobs=1000 if quick else 2000, nodes=(1, 4),
@@ -599,13 +630,16 @@ async def collect(backend: Backend, config: Config,
             f"commands per schedule fire, batch {batch}", "commands",
             lambda kind, b=batch: commands_per_fire(backend, kind, b, config.fire_rounds),  # type: ignore[misc]
         )
-    for nodes in config.nodes:
-        await both(
-            f"end-to-end throughput, {nodes} scheduler(s), {config.jobs} jobs", "jobs/s",
-            lambda kind, n=nodes: jobs_per_second(backend, kind, n, config.jobs,  # type: ignore[misc]
-                                                  config.timeout),
-            ">= 2x", lambda ratio: ratio >= 2,
-        )
+    for queued in (False, True):
+        for nodes in config.nodes:
+            how = "queued first, then drained" if queued else "added while running"
+            await both(
+                f"end-to-end throughput, {nodes} scheduler(s), {config.jobs} jobs {how}",
+                "jobs/s",
+                lambda kind, n=nodes, q=queued: jobs_per_second(  # type: ignore[misc]
+                    backend, kind, n, config.jobs, config.timeout, queued=q),
+                ">= 2x", lambda ratio: ratio >= 2,
+            )
 
     async def latency(kind: str) -> float | None:
         if kind == OURS and MongoDBEventBroker is None:
@@ -626,6 +660,8 @@ def _fmt(value: float | None) -> str:
 
 def markdown(figures: list[Figure], config: Config, seconds: float) -> str:
     backend = "real server (--uri)" if config.uri else "in-memory back end"
+    if config.rtt_ms and not config.uri:
+        backend += f" with a simulated {config.rtt_ms:g} ms round trip per command"
     lines = [
         f"Benchmarks on the {backend}{' (--quick)' if config.quick else ''}, "
         f"{seconds:.0f} s. Ratio = ours / built-in.",
@@ -655,9 +691,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller run (< 60 s)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--uri", help="a real MongoDB server (default: in-memory)")
+    parser.add_argument("--rtt-ms", type=float, default=0.0,
+                        help="in memory: add this network round trip to every command")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    config = Config.make(args.quick, bool(args.uri))
+    global SIMULATED_RTT
+    SIMULATED_RTT = 0.0 if args.uri else args.rtt_ms / 1000
+    config = Config.make(args.quick, bool(args.uri), SIMULATED_RTT * 1000)
     started_at = time.perf_counter()
     figures = anyio.run(run_all, args, config)
     seconds = time.perf_counter() - started_at

@@ -82,14 +82,16 @@ async def test_add_get_replace_remove_task(started: Any) -> None:
     ]
 
 
-async def test_running_jobs_counts_acquired_jobs(started: Any) -> None:
+async def test_running_jobs_counts_the_slots_in_use(started: Any) -> None:
     store, _ = await started()
-    await store.add_task(make_task())
-    for _ in range(3):
-        await store.add_job(make_job())
-    await store.acquire_jobs("s1", LEASE, 2)
+    await store.add_task(make_task(max_running_jobs=5))
+    await store.add_task(make_task("unlimited"))
+    for task_id in ("unlimited", "task", "task", "task"):
+        await store.add_job(make_job(task_id))
+    await store.acquire_jobs("s1", LEASE, 3)
     assert (await store.get_task("task")).running_jobs == 2
-    assert (await store.get_tasks())[0].running_jobs == 2
+    assert [(t.id, t.running_jobs) for t in await store.get_tasks()] == [
+        ("task", 2), ("unlimited", 0)]  # no limit, no slots to account for
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -405,7 +407,7 @@ async def test_extend_job_leases(started: Any) -> None:
 
 async def test_reap_abandoned_jobs(started: Any) -> None:
     store, broker = await started()
-    await store.add_task(make_task())
+    await store.add_task(make_task(max_running_jobs=10))
     for _ in range(2):
         await store.add_job(make_job(result_expiration_time=timedelta(minutes=1)))
     await store.add_job(make_job())
