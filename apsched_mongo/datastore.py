@@ -61,6 +61,10 @@ _DUPLICATE_KEY = 11000
 JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
 
 
+#: How long a task definition read while claiming its jobs answers ``get_task``. Task
+#: changes made through any store reach this one sooner, as TaskUpdated/TaskRemoved events.
+TASK_CACHE_SECONDS = 1.0
+
 #: The layout of our documents. A store refuses data written in a newer layout rather than
 #: misread it; a future layout change bumps this and migrates older data at start.
 FORMAT_VERSION = 1
@@ -137,6 +141,10 @@ class MongoDBDataStore(BaseExternalDataStore):
     _jobs: Any = attrs.field(init=False)
     _results: Any = attrs.field(init=False)
     _meta: Any = attrs.field(init=False)
+    #: task id -> (monotonic time, task document) for unlimited tasks, from acquire_jobs
+    _task_cache: dict[str, tuple[float, dict[str, Any]]] = attrs.field(
+        init=False, factory=dict
+    )
 
     def __attrs_post_init__(self) -> None:
         self._uri, self._client = accept_client_or_uri(self.client_or_uri)
@@ -216,6 +224,10 @@ class MongoDBDataStore(BaseExternalDataStore):
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
     ) -> None:
         await super().start(exit_stack, event_broker, logger)
+        self._task_cache.clear()
+        exit_stack.enter_context(event_broker.subscribe(
+            self._forget_task, {TaskAdded, TaskUpdated, TaskRemoved}
+        ))
         if self._uri is not None:
             self._client = create_client(self._uri)
             exit_stack.push_async_callback(self._client.close)
@@ -290,7 +302,25 @@ class MongoDBDataStore(BaseExternalDataStore):
         return [_codec.decode_task(doc, self.serializer, running.get(doc["_id"], 0))
                 for doc in documents]
 
+    def _remember_tasks(self, documents: list[dict[str, Any]]) -> None:
+        """Keep the task documents joined to the jobs being claimed: APScheduler asks for
+        each claimed job's task right away, one round trip per job otherwise. Only tasks
+        without ``max_running_jobs``: their ``running_jobs`` is always 0, so nothing in a
+        cached copy can go stale but the definition itself."""
+        now = monotonic()
+        for document in documents:
+            if document.get("task") and document["task"][0].get("max_running_jobs") is None:
+                task = document["task"][0]
+                self._task_cache[task["_id"]] = (now, task)
+
+    def _forget_task(self, event: Any) -> None:
+        self._task_cache.pop(event.task_id, None)
+
     async def get_task(self, task_id: str) -> Task:
+        if (cached := self._task_cache.get(task_id)) and (
+            monotonic() - cached[0] < TASK_CACHE_SECONDS
+        ):
+            return _codec.decode_task(cached[1], self.serializer, 0)
         tasks = await self._find_tasks({"_id": task_id})
         if not tasks:
             raise TaskLookupError(task_id)
@@ -474,8 +504,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         return self._decode_each(documents, _codec.decode_job)
 
     async def _queue_head(self, query: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-        """Unclaimed jobs in queue order, each with its task's ``max_running_jobs`` joined in
-        (one round trip for both)."""
+        """Unclaimed jobs in queue order, each with its task document (``task``, a list of
+        at most one) and ``max_running_jobs`` joined in: one round trip for all."""
         pipeline: list[dict[str, Any]] = [{"$match": query}, {"$sort": dict(JOB_ORDER)}]
         if limit:
             pipeline.append({"$limit": limit})
@@ -483,7 +513,6 @@ class MongoDBDataStore(BaseExternalDataStore):
             {"$lookup": {"from": self._tasks.name, "localField": "task_id",
                          "foreignField": "_id", "as": "task"}},
             {"$set": {"max_running_jobs": {"$arrayElemAt": ["$task.max_running_jobs", 0]}}},
-            {"$project": {"task": 0}},
         ]
 
         async def head() -> list[dict[str, Any]]:
@@ -576,6 +605,7 @@ class MongoDBDataStore(BaseExternalDataStore):
                                        {"$set": claim}))
         if not requests:
             return []
+        self._remember_tasks(attempted)
 
         attempts = 0
 

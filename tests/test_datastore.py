@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 import pytest
 from apscheduler import (
     CoalescePolicy,
@@ -34,6 +35,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from apsched_mongo import MongoDBDataStore
 from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -481,3 +483,60 @@ async def test_a_schedule_changed_between_read_and_claim_is_not_claimed_stale(
     acquired = await store.acquire_schedules("s1", LEASE, 10)
     acquired += await store.acquire_schedules("s1", LEASE, 10)
     assert [schedule.args for schedule in acquired] == [("new",)]
+
+
+async def test_claimed_jobs_tasks_are_served_without_a_round_trip(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """APScheduler calls get_task for every claimed job; the definition came with the claim.
+    A change made through any store is seen at once (its event); without events, within
+    TASK_CACHE_SECONDS."""
+    import logging
+    from contextlib import AsyncExitStack
+
+    import apsched_mongo.datastore as datastore_module
+    from tests.conftest import RecordingBroker
+    from tests.faults import FaultPlan, FaultyClient
+    from tests.helpers import ClusterBus
+
+    plan = FaultPlan(seed=0)
+    log = logging.getLogger(__name__)
+    now = [1000.0]
+    monkeypatch.setattr(datastore_module, "monotonic", lambda: now[0])
+    async with AsyncExitStack() as stack:
+        bus = ClusterBus()
+        stores = []
+        brokers = []
+        for client in (FaultyClient(backend.client(), plan), backend.client()):
+            broker = bus.broker()
+            await broker.start(stack, log)
+            store = MongoDBDataStore(client, database=backend.database)
+            await store.start(stack, broker, log)
+            stores.append(store)
+            brokers.append(broker)
+        mine, other = stores
+        await other.add_task(make_task(metadata={"v": 1}))
+        await other.add_job(make_job())
+        [job] = await mine.acquire_jobs("s1", LEASE, 10)
+        before = plan.attempts.total()
+        assert (await mine.get_task(job.task_id)).metadata == {"v": 1}
+        assert plan.attempts.total() == before  # no round trip
+
+        delivered = anyio.Event()
+        brokers[0].subscribe(lambda event: delivered.set(), {TaskUpdated}, one_shot=True)
+        await other.add_task(make_task(metadata={"v": 2}))  # TaskUpdated reaches `mine`
+        with anyio.fail_after(5):
+            await delivered.wait()  # delivered after the store's own subscription
+        assert (await mine.get_task("task")).metadata == {"v": 2}
+
+        # Without the event (a store on its own broker), the copy lives TASK_CACHE_SECONDS
+        lonely_broker = RecordingBroker()
+        await lonely_broker.start(stack, log)
+        lonely = MongoDBDataStore(backend.client(), database=backend.database)
+        await lonely.start(stack, lonely_broker, log)
+        await other.add_job(make_job())
+        await lonely.acquire_jobs("s2", LEASE, 10)
+        await other.add_task(make_task(metadata={"v": 3}))
+        assert (await lonely.get_task("task")).metadata == {"v": 2}
+        now[0] += datastore_module.TASK_CACHE_SECONDS
+        assert (await lonely.get_task("task")).metadata == {"v": 3}
