@@ -24,6 +24,7 @@ from apsched_mongo import MongoDBDataStore
 from apsched_mongo._client import CODEC_OPTIONS
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
 from tests.broker_helpers import LOGGER, LogWatch
+from tests.wire import Wire
 
 REAL_URI_ENV = "APSCHED_MONGO_TEST_URI"
 
@@ -163,3 +164,11 @@ def logs() -> Iterator[LogWatch]:
     LOGGER.setLevel(logging.DEBUG)
     yield handler
     LOGGER.removeHandler(handler)
+
+
+@pytest.fixture
+def wire() -> Iterator[Wire]:
+    """A scripted replica-set primary (mockupdb) for wire-level tests."""
+    wire = Wire(replica_set=True)
+    yield wire
+    wire.stop()

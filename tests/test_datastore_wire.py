@@ -4,7 +4,7 @@ as a real server reports them on the wire (what the in-memory fake cannot produc
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -20,13 +20,6 @@ from tests.wire import Wire
 
 pytestmark = pytest.mark.anyio
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture
-def wire() -> Iterator[Wire]:
-    wire = Wire(replica_set=True)
-    yield wire
-    wire.stop()
 
 
 @pytest.fixture

@@ -30,18 +30,6 @@ DB, COLL = "apscheduler", "apsched_events"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def wire() -> Iterator[Wire]:
-    wire = Wire(replica_set=True)
-    yield wire
-    wire.stop()
-
-
-@pytest.fixture
 def standalone_wire() -> Iterator[Wire]:
     wire = Wire(replica_set=False)
     yield wire
