@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
@@ -62,7 +61,7 @@ JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
 
 
 #: How long a task definition read while claiming its jobs answers ``get_task``. Task
-#: changes made through any store reach this one sooner, as TaskUpdated/TaskRemoved events.
+#: changes made through any store reach this one sooner, as TaskAdded/Updated/Removed events.
 TASK_CACHE_SECONDS = 1.0
 
 #: The layout of our documents. A store refuses data written in a newer layout rather than
@@ -86,9 +85,6 @@ def index_specs() -> dict[str, list[IndexSpec]]:
         "jobs": [
             IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING),
                                         ("_id", ASCENDING)]),
-            # Also counts a task's running jobs from index bounds alone
-            IndexSpec("apsched_task_running",
-                      [("task_id", ASCENDING), ("acquired_by", ASCENDING)]),
             IndexSpec("apsched_schedule", [("schedule_id", ASCENDING)]),
             IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
             IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
@@ -292,14 +288,10 @@ class MongoDBDataStore(BaseExternalDataStore):
         reports 0, so the scheduler's per-job ``get_task`` costs one query, not a count of
         the queue."""
         documents = await self._find("get tasks", self._tasks, match, sort=[("_id", ASCENDING)])
-        limited = [doc["_id"] for doc in documents if doc.get("max_running_jobs") is not None]
-        running: dict[str, int] = {}
-        if limited:
-            holders = await self._find("get tasks", self._jobs,
-                                       {"task_id": {"$in": limited}, "slot": {"$exists": True}},
-                                       projection={"task_id": True})
-            running = Counter(doc["task_id"] for doc in holders)
-        return [_codec.decode_task(doc, self.serializer, running.get(doc["_id"], 0))
+        used = await self._slots_in_use(
+            [doc["_id"] for doc in documents if doc.get("max_running_jobs") is not None]
+        )
+        return [_codec.decode_task(doc, self.serializer, len(used.get(doc["_id"], ())))
                 for doc in documents]
 
     def _remember_tasks(self, documents: list[dict[str, Any]]) -> None:
@@ -523,16 +515,22 @@ class MongoDBDataStore(BaseExternalDataStore):
 
         return await self._run("acquire_jobs", head)
 
+    async def _slots_in_use(self, task_ids: Iterable[str]) -> dict[str, set[int]]:
+        """The ``max_running_jobs`` slots held by running jobs, by task."""
+        task_ids = sorted(task_ids)
+        if not task_ids:
+            return {}
+        holders = await self._find("slots in use", self._jobs,
+                                   {"task_id": {"$in": task_ids}, "slot": {"$exists": True}},
+                                   projection={"task_id": True, "slot": True})
+        used: dict[str, set[int]] = {}
+        for doc in holders:
+            used.setdefault(doc["task_id"], set()).add(doc["slot"])
+        return used
+
     async def _free_slots(self, limits: dict[str, int]) -> dict[str, list[int]]:
         """Free slot numbers of the tasks in ``limits`` (task id -> ``max_running_jobs``)."""
-        if not limits:
-            return {}
-        taken = await self._find("acquire_jobs", self._jobs,
-                                 {"task_id": {"$in": sorted(limits)}, "slot": {"$exists": True}},
-                                 projection={"task_id": True, "slot": True})
-        used: dict[str, set[int]] = {}
-        for doc in taken:
-            used.setdefault(doc["task_id"], set()).add(doc["slot"])
+        used = await self._slots_in_use(limits)
         return {task_id: [slot for slot in range(limit) if slot not in used.get(task_id, ())]
                 for task_id, limit in limits.items()}
 

@@ -68,7 +68,7 @@ async def test_conflicting_and_missing_indexes_are_named(started: Any, backend: 
     await db["apsched_job_results"].create_index(
         [("expires_at", ASCENDING)], name="apsched_expiry", expireAfterSeconds=3600
     )
-    await db["apsched_jobs"].drop_index("apsched_task_running")
+    await db["apsched_jobs"].drop_index("apsched_schedule")
 
     report = await diagnose(backend.client(), backend.database)
 
@@ -76,11 +76,11 @@ async def test_conflicting_and_missing_indexes_are_named(started: Any, backend: 
     states = {i.name: i.state for i in report.indexes if i.collection == "apsched_job_results"}
     assert states == {"apsched_expiry": "conflict"}
     assert [i.state for i in report.indexes
-            if (i.collection, i.name) == ("apsched_jobs", "apsched_task_running")] == ["missing"]
+            if (i.collection, i.name) == ("apsched_jobs", "apsched_schedule")] == ["missing"]
     rendered = report.render()
     assert "apsched_job_results.apsched_expiry conflicts" in rendered
     assert "3600" in rendered
-    assert "apsched_jobs.apsched_task_running is missing" in rendered
+    assert "apsched_jobs.apsched_schedule is missing" in rendered
 
 
 async def test_expired_lease_is_reported(started: Any, backend: Any) -> None:
