@@ -3,7 +3,9 @@
 Every test that takes ``backend`` runs on the in-memory fake, and also on a real server
 when ``APSCHED_MONGO_TEST_URI`` is set (each test then gets a fresh database, dropped
 afterwards). ``--mongod`` starts a throwaway single-node replica set from a ``mongod``
-found on PATH and uses it as that real server.
+found on PATH and uses it as that real server; ``--memory-wire`` starts the in-memory
+server's wire-protocol front (``apsched_mongo.memory_wire``) in a thread and uses that, so
+the real-server tier runs through the real ``AsyncMongoClient`` without a mongod.
 """
 
 from __future__ import annotations
@@ -33,18 +35,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--mongod", action="store_true",
                      help="start a throwaway replica set from the mongod on PATH for the "
                           "real-server tier")
+    parser.addoption("--memory-wire", action="store_true",
+                     help="run the real-server tier against the in-memory server's wire "
+                          "front (apsched_mongo.memory_wire), started on a free port")
     parser.addoption("--soak", action="store_true", help="also run long soak tests")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_server: the real-server tier (backend 'real'); "
+                                       "`-m real_server` runs only it")
     if config.getoption("--mongod") and not os.environ.get(REAL_URI_ENV):
         from tests._mongod import start_replica_set
 
         os.environ[REAL_URI_ENV] = start_replica_set(config)
+    if config.getoption("--memory-wire") and not os.environ.get(REAL_URI_ENV):
+        from tests._memory_wire import start_front
+
+        os.environ[REAL_URI_ENV] = start_front(config)
 
 
-def backend_names() -> list[str]:
-    return ["memory", "real"] if os.environ.get(REAL_URI_ENV) else ["memory"]
+def backend_names() -> list[Any]:
+    if not os.environ.get(REAL_URI_ENV):
+        return ["memory"]
+    return ["memory", pytest.param("real", marks=pytest.mark.real_server)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``backend`` at collection time, after ``--mongod``/``--memory-wire`` have
+    set the real server's URI (fixture params would be fixed when conftest is imported)."""
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backend_names(), indirect=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -104,7 +124,7 @@ class Backend:
             await client.close()
 
 
-@pytest.fixture(params=backend_names())
+@pytest.fixture
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     backend = Backend(request.param)
     try:
