@@ -156,8 +156,14 @@ class MemoryWireServer:
 
     @property
     def connections(self) -> int:
+        """Client connections open now."""
         with self._lock:
             return len(self._connections)
+
+    @property
+    def open_cursors(self) -> int:
+        """Server-side cursors open now (not exhausted, killed or timed out)."""
+        return len(self._cursors)
 
     # --- faults ----------------------------------------------------------------------------
 
