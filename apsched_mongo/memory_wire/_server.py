@@ -98,6 +98,9 @@ class MemoryWireServer:
         self.denied: list[tuple[str, str, list[str]]] = []
         #: (index in :attr:`privileges`, action) -> commands it authorized
         self.grants_used: Counter[tuple[int, str]] = Counter()
+        #: every privilege action the commands received needed (with or without a role):
+        #: what a workload needs, measured
+        self.needs: Counter[_access.Need] = Counter()
         self._cursors = Cursors(WIRE_CODEC)
         self._executor = Executor(self.memory, self._cursors)
         self._host, self._port = host, port
@@ -293,6 +296,9 @@ class MemoryWireServer:
         else:
             requirement = _access.requirement(name, db, body)
         privileges = self.privileges
+        with self._lock:
+            for group in requirement:
+                self.needs[group[0]] += 1
         if privileges is None:
             return requirement
         lacking = _access.missing(privileges, requirement)
