@@ -23,7 +23,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import bson
-import mockupdb
+
+try:
+    import mockupdb
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "the in-memory server's wire front needs mockupdb: pip install 'apsched-mongo[memory]'"
+    ) from exc
 from bson import CodecOptions, DatetimeConversion, ObjectId, UuidRepresentation
 from bson.raw_bson import RawBSONDocument
 from bson.tz_util import utc
@@ -87,7 +93,9 @@ class MemoryWireServer:
         self.memory = server or MemoryServer()
         self.replica_set = replica_set
         self.privileges = list(privileges) if privileges is not None else None
+        #: the faults injected (add, remove, clear)
         self.faults = FaultPlan(seed)
+        #: the remembered outcomes of retryable writes (``replayed`` counts retries answered)
         self.retryable_writes = RetryableWrites()
         self.record = record
         #: commands received, by name
