@@ -305,6 +305,18 @@ def test_a_stalled_reply_times_out_after_the_write(front: MemoryWireServer) -> N
         assert client.d.c.count_documents({}) == 1
 
 
+def test_a_held_request_is_dropped_when_its_client_goes_away(front: MemoryWireServer) -> None:
+    front.inject("hold", command="insert", seconds=60)
+    with connect(front, socketTimeoutMS=200) as client:
+        with pytest.raises(NetworkTimeout):  # the driver then closes the connection...
+            client.d.c.insert_one({"_id": 1})
+        assert client.d.c.count_documents({}) == 0  # ...and the held insert never runs
+    front.inject("hold", command="insert", seconds=0.1)
+    with connect(front) as client:
+        client.d.c.insert_one({"_id": 2})  # held a moment, then executed
+        assert client.d.c.count_documents({}) == 1
+
+
 def test_faults_pick_commands_by_name_namespace_and_count() -> None:
     plan = FaultPlan(seed=1)
     fault = plan.add(Fault("lose-reply", command="FINDANDMODIFY", namespace="*_jobs", skip=1,

@@ -1,4 +1,5 @@
-"""Faults the front injects on purpose: lost replies, dropped connections, step-downs, stalls.
+"""Faults the front injects on purpose: lost replies, dropped connections, step-downs,
+stalled replies and held requests.
 
 A :class:`Fault` picks commands by name, namespace and count (``Fault("lose-reply",
 command="findAndModify", namespace="*_jobs")`` loses the reply of the next findAndModify on
@@ -13,7 +14,7 @@ import random
 import threading
 from typing import Literal, get_args
 
-Kind = Literal["lose-reply", "hangup", "step-down", "stall"]
+Kind = Literal["lose-reply", "hangup", "step-down", "stall", "hold"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 #: What each kind does to a command it hits
@@ -23,6 +24,9 @@ DESCRIPTIONS = {
     "step-down": "answer NotWritablePrimary (or --code 189 PrimarySteppedDown) and stay "
                  "stepped down for `seconds`",
     "stall": "execute the command, then wait `seconds` before replying",
+    "hold": "wait `seconds` before executing the command; if the client closes the "
+            "connection meanwhile, drop it unexecuted (a request that never left a frozen or "
+            "killed node)",
 }
 STEP_DOWN_CODES = (10107, 189)
 
@@ -30,14 +34,15 @@ STEP_DOWN_CODES = (10107, 189)
 class Fault:
     """One fault rule.
 
-    :param kind: ``"lose-reply"``, ``"hangup"``, ``"step-down"`` or ``"stall"``
+    :param kind: ``"lose-reply"``, ``"hangup"``, ``"step-down"``, ``"stall"`` or ``"hold"``
     :param command: hit only this command (case-insensitive; e.g. ``"findAndModify"``)
     :param namespace: hit only commands on a ``db.collection`` matching this glob; a pattern
         without a dot matches the collection name alone (``"*_jobs"``)
     :param skip: let this many matching commands through first
     :param times: hit this many matching commands, then stop (``None``: no limit)
     :param probability: hit each matching command with this probability (seeded by the plan)
-    :param seconds: how long a stall lasts, or how long the server stays stepped down
+    :param seconds: how long a stall or hold lasts, or how long the server stays stepped
+        down
     :param code: the error code of a step-down: 10107 (NotWritablePrimary) or 189
         (PrimarySteppedDown)
     """

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import socketserver
 import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,12 +57,6 @@ WRITES = RETRYABLE_WRITES | {"createIndexes", "dropIndexes", "deleteIndexes", "c
                              "dropDatabase"}
 READS = frozenset({"find", "aggregate", "count", "distinct", "listIndexes", "listCollections"})
 MORE_TO_COME = mockupdb.OP_MSG_FLAGS["moreToCome"]
-
-
-@dataclass
-class _Outcome:
-    reply: dict[str, Any] | None
-    fault: Fault | None = None
 
 
 def _error(code: int, errmsg: str, **extra: Any) -> dict[str, Any]:
@@ -225,43 +219,57 @@ class MemoryWireServer:
             logger.warning("closing a connection that sent a %s", type(request).__name__)
             return False
         body = bson.decode(bson.encode(request.doc), codec_options=WIRE_CODEC)
-        db = body.get("$db") if isinstance(request, mockupdb.OpMsg) else request.namespace
+        db = str((body.get("$db") if isinstance(request, mockupdb.OpMsg)
+                  else request.namespace) or "")
         name = next(iter(body), "")
-        outcome = self._respond(name, str(db or ""), body, connection_id)
-        if outcome.fault is not None and outcome.fault.kind in ("lose-reply", "hangup"):
-            _close(sock)
-            return False
-        if isinstance(request, mockupdb.OpMsg) and request.flags & MORE_TO_COME:
-            return True  # an unacknowledged write: nobody waits for a reply
-        if (outcome.fault is not None and outcome.fault.kind == "stall"
-                and self._stopping.wait(outcome.fault.seconds)):
-            return False  # stopped while stalling
-        assert outcome.reply is not None
-        raw = RawBSONDocument(bson.encode(outcome.reply, codec_options=WIRE_CODEC))
-        reply_class = mockupdb.OpMsgReply if isinstance(request, mockupdb.OpMsg) else \
-            mockupdb.OpReply
-        sock.sendall(reply_class(raw).reply_bytes(request))
-        return True
-
-    def _respond(self, name: str, db: str, body: dict[str, Any], connection_id: int) -> _Outcome:
         target = body.get(name)
         namespace = f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd"
         with self._lock:
             self.commands[name] += 1
             if self.record:
                 self.received.append(body)
+        fault = None if name in HELLO else self.faults.pick(name, namespace)
+        kind = fault.kind if fault is not None else None
+        if kind == "hangup" or (fault is not None and kind == "hold"
+                                and self._closes_within(sock, fault.seconds)):
+            _close(sock)
+            return False  # not executed
         if name in HELLO:
-            return _Outcome(self._hello(name, body, connection_id))
-        fault = self.faults.pick(name, namespace)
-        if fault is not None and fault.kind == "hangup":
-            return _Outcome(None, fault)
-        if fault is not None and fault.kind == "step-down":
+            reply = self._hello(name, body, connection_id)
+        elif fault is not None and kind == "step-down":
             self.step_down(fault.seconds)
-            return _Outcome(self._labelled(body, _error(
+            reply = self._labelled(body, _error(
                 fault.code, "not primary" if fault.code == 10107 else
-                "Command failed because of a replica set state change")), fault)
-        reply = self._checked_and_run(name, db, namespace, body)
-        return _Outcome(self._labelled(body, reply), fault)
+                "Command failed because of a replica set state change"))
+        else:
+            reply = self._labelled(body, self._checked_and_run(name, db, namespace, body))
+        if kind == "lose-reply":
+            _close(sock)
+            return False  # executed, never answered
+        if isinstance(request, mockupdb.OpMsg) and request.flags & MORE_TO_COME:
+            return True  # an unacknowledged write: nobody waits for a reply
+        if fault is not None and kind == "stall" and self._stopping.wait(fault.seconds):
+            return False  # stopped while stalling
+        raw = RawBSONDocument(bson.encode(reply, codec_options=WIRE_CODEC))
+        reply_class = mockupdb.OpMsgReply if isinstance(request, mockupdb.OpMsg) else \
+            mockupdb.OpReply
+        sock.sendall(reply_class(raw).reply_bytes(request))
+        return True
+
+    def _closes_within(self, sock: socket.socket, seconds: float) -> bool:
+        """Wait up to ``seconds``; True if the client closed the connection (or the server
+        stops) meanwhile, False once the time is up."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._stopping.is_set():
+                return True
+            readable, _, _ = select.select([sock], [], [], min(remaining, 0.1))
+            if readable:
+                try:
+                    return sock.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
+        return False
 
     def _checked_and_run(self, name: str, db: str, namespace: str,
                          body: dict[str, Any]) -> dict[str, Any]:
