@@ -7,7 +7,7 @@ from typing import Any
 
 from bson import CodecOptions, UuidRepresentation
 from bson.tz_util import utc
-from pymongo import AsyncMongoClient, ReadPreference
+from pymongo import AsyncMongoClient, ReadPreference, WriteConcern
 from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 from pymongo.uri_parser import parse_uri
 
@@ -94,11 +94,24 @@ def require_acknowledged_writes(client: Any) -> None:
         )
 
 
-def database_of(client: Any, name: str) -> Any:
-    """Our handle on database ``name``: exact datetimes and UUIDs, and reads from the primary
-    whatever the client's read preference (a claim must see the writes it just made)."""
+#: Default bound on waiting for a majority to acknowledge a write (``wtimeout``)
+MAJORITY_TIMEOUT = 10.0
+
+
+def majority(timeout: float = MAJORITY_TIMEOUT) -> WriteConcern:
+    """``w: "majority"`` with a bounded wait. A write acknowledged by a majority survives any
+    failover; a ``w: 1`` claim or release (the implicit default on PSA sets, and common in
+    URIs) can be rolled back after one, and a second node would then run the same job."""
+    return WriteConcern("majority", wtimeout=round(timeout * 1000))
+
+
+def database_of(client: Any, name: str, write_timeout: float = MAJORITY_TIMEOUT) -> Any:
+    """Our handle on database ``name``: exact datetimes and UUIDs, reads from the primary
+    whatever the client's read preference (a claim must see the writes it just made), and
+    majority writes whatever the URI or the server's default says."""
     return client.get_database(
-        name, codec_options=CODEC_OPTIONS, read_preference=ReadPreference.PRIMARY
+        name, codec_options=CODEC_OPTIONS, read_preference=ReadPreference.PRIMARY,
+        write_concern=majority(write_timeout),
     )
 
 
