@@ -42,7 +42,6 @@ from apsched_mongo.memory import MemoryServer
 from apsched_mongo.memory_wire import MemoryWireServer
 from apsched_mongo.memory_wire._access import Need, grants
 from tests.broker_helpers import Inbox
-from tests.helpers import FakeClock
 
 # What docs/deployment.rst's example shows: database "scheduler", the default prefix and
 # events collection, migrating from the built-in store's default database
@@ -83,7 +82,6 @@ def connect(front: MemoryWireServer) -> AsyncMongoClient[dict[str, Any]]:
 
 async def exercise_store_and_broker(front: MemoryWireServer) -> None:
     """Every DataStore and EventBroker operation, each node with its own client."""
-    clock = FakeClock()
     async with AsyncExitStack() as stack:
         clients = [connect(front) for _ in range(2)]
         for client in clients:
@@ -94,8 +92,7 @@ async def exercise_store_and_broker(front: MemoryWireServer) -> None:
         brokers[1].subscribe(inbox, {JobAdded})
         for broker in brokers:
             await broker.start(stack, log)
-        store = MongoDBDataStore(clients[0], database=DATABASE, local_clock=clock,
-                                 clock_refresh_interval=float("inf"))
+        store = MongoDBDataStore(clients[0], database=DATABASE)
         await store.start(stack, brokers[0], log)
 
         await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
@@ -106,7 +103,7 @@ async def exercise_store_and_broker(front: MemoryWireServer) -> None:
         assert [task.id for task in await store.get_tasks()] == ["t"]
         assert (await store.get_task("t")).max_running_jobs == 2
 
-        due = clock() - timedelta(seconds=1)
+        due = datetime.now(UTC) - timedelta(seconds=1)
         trigger = IntervalTrigger(seconds=10, start_time=due)
         schedule = Schedule(id="s", task_id="t", trigger=trigger, job_executor="async",
                             next_fire_time=trigger.next())
@@ -137,14 +134,16 @@ async def exercise_store_and_broker(front: MemoryWireServer) -> None:
         result = await store.get_job_result(first.id)
         assert result is not None and result.return_value == 42
         await store.reap_abandoned_jobs("node")  # releases the other one
-        [third] = await store.acquire_jobs("crashed", LEASE, 1)
-        clock.advance(LEASE + timedelta(minutes=2))  # its lease and every result expire
+        [crashed] = await store.acquire_jobs("crashed", LEASE, 1)
+        await store.reap_abandoned_jobs("crashed")
+        abandoned = await store.get_job_result(crashed.id)
+        assert abandoned is not None and abandoned.outcome is JobOutcome.abandoned
         await store.cleanup()
         assert [job.id for job in await store.get_jobs()] == [jobs[3].id]
         await store.remove_schedules(["s"])
 
         await inbox.wait_for(4)  # the other node heard of every job through the events
-        assert third.id in {event.job_id for event in inbox.events}
+        assert crashed.id in {event.job_id for event in inbox.events}
 
 
 def run_doctor(front: MemoryWireServer, capsys: pytest.CaptureFixture[str]) -> str:
