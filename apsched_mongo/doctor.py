@@ -18,9 +18,9 @@ import attrs
 from pymongo import ASCENDING
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from ._cli import command_line_client
 from ._client import (
     CODEC_OPTIONS,
-    command_line_client,
     describe_hosts,
     hosts_of,
     redact,

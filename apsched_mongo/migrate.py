@@ -32,7 +32,8 @@ from apscheduler.serializers.pickle import PickleSerializer
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ._client import CODEC_OPTIONS, command_line_client, redact
+from ._cli import command_line_client
+from ._client import CODEC_OPTIONS, redact
 from .datastore import MongoDBDataStore
 from .errors import ServerUnreachableError
 
