@@ -397,8 +397,10 @@ async def _run(args: argparse.Namespace) -> int:
     except PyMongoError as exc:
         progress.finish()
         text = redact(str(exc), args.uri) if args.uri else str(exc)
-        print(f"migration stopped: {text.splitlines()[0]}\nrun the same command again to "
-              "resume: what was copied is recorded and will not be copied twice")
+        print(f"migration stopped: {text.splitlines()[0]}")
+        if args.apply:
+            print("run the same command again to resume: what was copied is recorded and will "
+                  "not be copied twice")
         return 2
     finally:
         await client.close()

@@ -7,13 +7,17 @@ import argparse
 import io
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 import attrs
+import bson
 import pytest
 from apscheduler import ConflictPolicy, Job, Schedule, Task
 from apscheduler.datastores.mongodb import MongoDBDataStore as BuiltinStore
@@ -21,6 +25,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.json import JSONSerializer
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from mockupdb import MockupDB
 from pymongo import MongoClient
 from pymongo.errors import AutoReconnect
 
@@ -356,3 +361,85 @@ def test_cli_migrates_a_json_store_with_progress_and_batches(
     assert migrate.run(args) == 0
     out = capsys.readouterr().out
     assert "copied" in out and "dry run" not in out
+
+
+# --- the command line against a scripted server ------------------------------------------------
+
+class BuiltinStoreServer:
+    """A scripted MongoDB (mockupdb) holding a built-in store's documents exactly as a real
+    server returns them, answering what a dry run asks: counts, the source read in batches,
+    and the lookups in the target and the ledger (both empty). Records every command."""
+
+    def __init__(self, documents: dict[str, list[dict[str, Any]]]) -> None:
+        self.documents = documents
+        self.commands: list[tuple[str, str]] = []
+        self.server = MockupDB(auto_ismaster=None)
+        self.server.autoresponds(self.answer)
+        self.server.run()
+        self.uri = f"mongodb://{self.server.address_string}/?directConnection=true"
+
+    def answer(self, request: Any) -> bool:
+        name = request.command_name
+        if name in ("ismaster", "isMaster", "hello"):
+            return bool(request.replies(ismaster=True, isWritablePrimary=True, helloOk=True,
+                                        minWireVersion=0, maxWireVersion=21,
+                                        localTime=datetime.now(UTC)))
+        collection = str(request.doc.get(name, ""))
+        self.commands.append((name, collection))
+        documents = self.documents.get(collection, [])
+        namespace = f"{request.doc.get('$db')}.{collection}"
+        if name == "aggregate":  # count_documents
+            batch = [{"_id": 1, "n": len(documents)}] if documents else []
+            return bool(request.replies(cursor={"id": 0, "ns": namespace, "firstBatch": batch}))
+        if name == "find":
+            wanted = request.doc["filter"].get("_id")
+            batch = documents if wanted is None else []
+            return bool(request.replies(cursor={"id": 0, "ns": namespace, "firstBatch": batch}))
+        if name == "endSessions":
+            return bool(request.replies())
+        return bool(request.command_err(59, f"unexpected command {name!r}"))
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+async def builtin_documents(backend: Any) -> dict[str, list[dict[str, Any]]]:
+    """Documents written by the built-in store, as a real server would return them."""
+    store = builtin_store(backend)
+    async with AsyncExitStack() as stack:
+        broker = LocalEventBroker()
+        await broker.start(stack, logging.getLogger("builtin"))
+        await store.start(stack, broker, logging.getLogger("builtin"))
+        await fill(store)
+    documents = {}
+    for name in ("tasks", "schedules", "jobs"):
+        collection = getattr(store, f"_{name}")
+        options = collection.codec_options
+        documents[name] = [bson.decode(bson.encode(document, codec_options=options))
+                           for document in collection.find({}, sort=[("_id", 1)])]
+    return documents
+
+
+async def test_cli_dry_run_against_a_scripted_server(backend: Any) -> None:
+    server = BuiltinStoreServer(await builtin_documents(backend))
+    try:
+        result = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "apsched_mongo", "migrate", "--from-builtin",
+             "--uri", server.uri, "--batch-size", "2"],
+            capture_output=True, text=True, timeout=60, check=False))
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        "            found  would copy  present  running  failed",
+        "tasks           2           2        0        0       0",
+        "schedules       2           2        0        0       0",
+        "jobs            3           2        0        1       0",
+        "dry run: nothing was written (pass --apply to copy)",
+    ]
+    assert "7/7 documents (100%)" in result.stderr  # the closing progress line (not a tty)
+    # streamed: the jobs in two batches, each followed by its lookups in target and ledger
+    assert server.commands.count(("find", "jobs")) == 1
+    assert server.commands.count(("find", "apsched_jobs")) == 2
+    assert server.commands.count(("find", "apsched_migrated_from_builtin")) == 4
+    assert not [command for command, _ in server.commands if command in ("insert", "update")]
