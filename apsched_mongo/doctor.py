@@ -365,11 +365,20 @@ async def _diagnose(client: Any, report: Report) -> None:
 
 async def _check_write_concern(client: Any, report: Report) -> None:
     """What the URI asks for, what the server would apply by default, and the PSA trap."""
+    if report.arbiters:
+        report.warnings.append(
+            f"this replica set has an arbiter ({', '.join(report.arbiters)}): while a "
+            "data-bearing member is down, majority writes -- every write of apsched-mongo -- "
+            "wait until their wtimeout and fail, and change streams deliver nothing; replace "
+            "the arbiter with a data-bearing member"
+        )
     write_concern = getattr(client, "write_concern", None)
     document = getattr(write_concern, "document", None)
+    if write_concern is None:
+        report.client_write_concern = report.server_write_concern = "n/a (in-memory back end)"
+        return
     report.client_write_concern = _mongosh(document) if document else (
-        "nothing (the server's default applies to other clients)" if write_concern is not None
-        else "n/a")
+        "nothing (the server's default applies to other clients)")
     reply = await _optional_command(client, "getDefaultRWConcern")
     if reply is None:
         report.server_write_concern = "unknown (getDefaultRWConcern refused or not available)"
@@ -378,13 +387,6 @@ async def _check_write_concern(client: Any, report: Report) -> None:
         source = reply.get("defaultWriteConcernSource", "?")
         report.server_write_concern = (
             f"{_mongosh(default)} ({source})" if default else f"implicit ({source})")
-    if report.arbiters:
-        report.warnings.append(
-            f"this replica set has an arbiter ({', '.join(report.arbiters)}): while a "
-            "data-bearing member is down, majority writes -- every write of apsched-mongo -- "
-            "wait until their wtimeout and fail, and change streams deliver nothing; replace "
-            "the arbiter with a data-bearing member"
-        )
 
 
 async def _check_events(db: Any, names: set[str], report: Report) -> None:
@@ -490,8 +492,7 @@ async def _check_indexes(db: Any, report: Report) -> None:
 
 
 def _unneeded(report: Report, collection: str, name: str) -> None:
-    report.indexes.append(IndexStatus(collection, name, "unneeded",
-                                      "no longer needed, can be dropped"))
+    report.indexes.append(IndexStatus(collection, name, "unneeded"))
     report.warnings.append(
         f"index {collection}.{name} is no longer needed by this version and can be dropped: "
         f'db.{collection}.dropIndex("{name}") (doctor never drops anything)')

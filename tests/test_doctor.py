@@ -392,3 +392,42 @@ async def test_a_freshly_started_store_is_healthy(started: Any, backend: Any) ->
     await started()
     report = await diagnose(backend.client(), backend.database)
     assert report.problems == []
+
+
+def test_the_sharding_rules_and_their_docs_agree() -> None:
+    """docs/deployment.rst explains the rules doctor applies: each collection and each
+    version boundary of apsched_mongo/_sharding.py appears in its "Sharded clusters"."""
+    from pathlib import Path
+
+    from apsched_mongo import _sharding
+
+    text = (Path(__file__).parent.parent / "docs" / "deployment.rst").read_text()
+    section = text.split("Sharded clusters\n----------------")[1].split("\nMongoDB Atlas")[0]
+    for name in _sharding.RULES:
+        assert f"``{name}``" in section or f"``apsched_{name}``" in section, name
+    for version in (_sharding.LOOKUP_FROM_SHARDED, _sharding.FIND_AND_MODIFY_WITHOUT_SHARD_KEY):
+        assert ".".join(map(str, version)) in section
+    assert "periodicNoopIntervalSecs" in section and "SERVER-30970" in section
+
+
+@pytest.mark.parametrize(("collection", "key", "version", "problems"), [
+    ("schedules", {"_id": "hashed"}, (5, 0), 0),
+    ("schedules", {"next_fire_time": 1}, (8, 0), 1),  # upserts by _id
+    ("tasks", {"_id": 1}, (5, 0), 1),  # the from of a $lookup
+    ("tasks", {"_id": 1}, (5, 1), 0),
+    ("jobs", {"task_id": 1}, (7, 0), 1),  # findAndModify claims by _id
+    ("jobs", {"task_id": 1}, (7, 1), 0),
+    ("jobs", {"task_id": 1, "slot": 1}, (8, 0), 0),
+    ("jobs", {"task_id": "hashed"}, (8, 0), 1),  # no unique index with a hashed key
+    ("jobs", {"_id": 1}, (8, 0), 1),  # (task_id, slot) must start with the shard key
+    ("job_results", {"expires_at": 1}, (7, 0), 1),
+    ("job_results", {"expires_at": 1}, (7, 1), 0),
+    ("events", {"created_at": 1}, (5, 0), 0),
+])
+def test_sharding_rules(
+    collection: str, key: dict[str, Any], version: tuple[int, int], problems: int
+) -> None:
+    from apsched_mongo import _sharding
+
+    verdict = _sharding.judge(_sharding.RULES[collection], key, version)
+    assert len(verdict.problems) == problems, verdict
