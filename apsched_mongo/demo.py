@@ -26,6 +26,7 @@ from ._cli import (
     positive_int,
     uri_argument,
 )
+from ._client import redact
 from .datastore import MongoDBDataStore
 from .errors import ApschedMongoError, ServerUnreachableError
 from .eventbroker import MongoDBEventBroker
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         if (error := find_error(exc, ServerUnreachableError)) is not None:
             raise CommandLineError(describe_unreachable(error, args.verbose)) from None
         if (error := find_error(exc, PyMongoError, ApschedMongoError)) is not None:
-            raise CommandLineError(f"MongoDB refused the demo: {error}") from None
+            text = redact(str(error), args.uri) if args.uri else str(error)
+            raise CommandLineError(f"MongoDB refused the demo: {text}") from None
         raise
     return 0
