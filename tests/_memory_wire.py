@@ -12,19 +12,14 @@ FRONT: MemoryWireServer | None = None
 
 #: Tests of the real-server tier that do not pass against the front, and why. Each entry is
 #: bookkeeping to remove once its cause is fixed (listed in the wire front's report).
-KNOWN_DIFFERENCES: dict[str, str] = {
-    "tests/test_concurrency.py::test_four_schedulers_run_every_job_exactly_once[real]":
-        "asserts that 3 jobs of a max_running_jobs=3 task ran at the same moment; each runs "
-        "2 ms, while a slot is held from the claim to the release's round trips (about 1 ms "
-        "each through a driver), so over any network the 2 ms runs rarely overlap",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 def start_front(config: pytest.Config) -> str:
     """Start the front; return its URI. It stops when the test session ends."""
     global FRONT
     mode = config.getoption("--memory-wire")
-    FRONT = MemoryWireServer(replica_set="rs0" if mode == "replica-set" else None)
+    FRONT = MemoryWireServer(replica_set=mode == "replica-set")
     FRONT.start()
     config.add_cleanup(FRONT.stop)
     return FRONT.uri

@@ -54,7 +54,7 @@ def front() -> Iterator[MemoryWireServer]:
 
 @pytest.fixture
 def rs_front() -> Iterator[MemoryWireServer]:
-    with MemoryWireServer(replica_set="rs0") as server:
+    with MemoryWireServer(replica_set=True) as server:
         yield server
 
 
@@ -441,3 +441,38 @@ def test_the_package_never_imports_the_front_unless_asked() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- change streams (replica-set mode) -------------------------------------------------------
+
+
+def test_change_streams_carry_events_and_resume_tokens(rs_front: MemoryWireServer) -> None:
+    with connect(rs_front) as client:
+        events = client.d.events
+        with events.watch(max_await_time_ms=50) as stream:
+            assert stream.try_next() is None
+            token = stream.resume_token  # the postBatchResumeToken of an empty batch
+            assert token is not None
+            events.insert_one({"_id": 1})
+            events.update_one({"_id": 1}, {"$set": {"n": 1}})
+            first = stream.next()
+            assert (first["operationType"], first["documentKey"]) == ("insert", {"_id": 1})
+        with events.watch(resume_after=first["_id"], max_await_time_ms=50) as resumed:
+            change = resumed.next()
+            assert change["operationType"] == "update"
+            assert change["updateDescription"]["updatedFields"] == {"n": 1}
+    assert rs_front.open_cursors == 0  # closed streams are killed
+
+
+def test_a_step_down_ends_streams_with_a_resumable_error_and_pymongo_resumes(
+        rs_front: MemoryWireServer) -> None:
+    failures = Failures()
+    with connect(rs_front, event_listeners=[failures]) as client:
+        events = client.d.events
+        with events.watch(max_await_time_ms=50) as stream:
+            assert stream.try_next() is None
+            rs_front.step_down(0.3)  # the open stream's getMore fails; the resume waits
+            events.insert_one({"_id": 1})  # for the new primary, then retries
+            assert stream.next()["documentKey"] == {"_id": 1}
+    labelled = [e.failure for e in failures.events if e.command_name in ("getMore", "aggregate")]
+    assert labelled and all("ResumableChangeStreamError" in f["errorLabels"] for f in labelled)

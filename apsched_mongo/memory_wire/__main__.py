@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..memory import MemoryServer
 from ._faults import DESCRIPTIONS, Fault, parse_fault
 from ._server import MemoryWireServer
 
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--replica-set", metavar="NAME",
-                        help="answer as the primary of a one-node replica set of this name "
-                             "(drivers then send retryable writes)")
+                        help="be the primary of a one-node replica set of this name "
+                             "(drivers then send retryable writes; change streams work)")
     parser.add_argument("--fault", type=_fault, action="append", default=[],
                         metavar="KIND[:key=value,...]",
                         help=f"inject a fault; repeatable. Kinds: {kinds}. Keys: command, "
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    front = MemoryWireServer(host=args.host, port=args.port, replica_set=args.replica_set,
+    memory = MemoryServer(replica_set=True, set_name=args.replica_set) if args.replica_set \
+        else MemoryServer()
+    front = MemoryWireServer(memory, host=args.host, port=args.port,
                              privileges=args.privileges, seed=args.seed)
     for fault in args.fault:
         front.faults.add(fault)

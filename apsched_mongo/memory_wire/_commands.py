@@ -14,6 +14,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import mongomock_ng
@@ -24,12 +25,16 @@ from pymongo.errors import (
     CollectionInvalid,
     DuplicateKeyError,
     OperationFailure,
+    PyMongoError,
     WriteError,
 )
 
 from ..errors import UnsupportedByMemoryBackend
-from ..memory import MemoryServer, _check_update, _refuse_unfaithful
+from ..memory import MemoryMongoClient, MemoryServer
+from ..memory._refusals import check_update as _check_update
+from ..memory._refusals import refuse_unfaithful as _refuse_unfaithful
 from ._access import Requirement
+from ._changestreams import server_reply
 from ._cursors import Cursors
 from ._errors import CommandError, not_implemented
 
@@ -163,9 +168,7 @@ class Executor:
     def __init__(self, server: MemoryServer, cursors: Cursors) -> None:
         self.server = server
         self.cursors = cursors
-        self._client: Any = mongomock_ng.MongoClient(
-            _store=server.store, tz_aware=True, uuidRepresentation="standard"
-        )
+        self._client: Any = MemoryMongoClient(server).sync_client()
         self._handlers: dict[str, Handler] = {
             "ping": lambda db, body: {"ok": 1.0},
             "buildInfo": self._build_info, "buildinfo": self._build_info,
@@ -181,6 +184,7 @@ class Executor:
             "dropIndexes": self._drop_indexes, "deleteIndexes": self._drop_indexes,
             "listCollections": self._list_collections, "listDatabases": self._list_databases,
             "create": self._create, "drop": self._drop, "dropDatabase": self._drop_database,
+            "getDefaultRWConcern": self._get_default_rw_concern,
         }
         #: per command (and thread): what it needed, and what the role can see
         self._call = threading.local()
@@ -211,6 +215,9 @@ class Executor:
             concern = _document(body.get("readConcern"), "readConcern", {})
             if concern.get("level", "local") not in READ_CONCERN_LEVELS:
                 raise CommandError(9, f"Invalid read concern level {concern.get('level')!r}")
+            if concern.get("level") == "snapshot" and not self.server.replica_set:
+                raise CommandError(123, "node needs to be a replica set member to use read "
+                                        "concern")
             reply = self._handlers[name](db, body)
             if name in WRITE_COMMANDS and (problem := check_write_concern(body)):
                 reply["writeConcernError"] = problem
@@ -248,6 +255,20 @@ class Executor:
         return {"version": version, "versionArray": [*numbers, 0], "gitVersion": "memory",
                 "bits": 64, "maxBsonObjectSize": 16 * 1024 * 1024, "ok": 1.0}
 
+    def _get_default_rw_concern(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The implicit defaults of a replica set without arbiters (MongoDB 5.0+)."""
+        _check_fields(body, "getDefaultRWConcern", {"inMemory"})
+        if db != "admin":
+            raise CommandError(13, "getDefaultRWConcern may only be run against the admin "
+                                   "database.")
+        if not self.server.replica_set:
+            raise CommandError(51300, "'getDefaultRWConcern' is not supported on standalone "
+                                      "nodes.")
+        return {"defaultReadConcern": {"level": "local"},
+                "defaultWriteConcern": {"w": "majority", "wtimeout": 0},
+                "defaultReadConcernSource": "implicit", "defaultWriteConcernSource": "implicit",
+                "localUpdateWallClockTime": datetime.now(UTC), "ok": 1.0}
+
     # --- reads -----------------------------------------------------------------------------
 
     def _find(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +305,8 @@ class Executor:
                                         "lastKnownCommittedOpTime"})
         namespace = f"{db}.{body.get('collection')}"
         return {"cursor": self.cursors.get_more(body["getMore"], namespace,
-                                                body.get("batchSize")), "ok": 1.0}
+                                                body.get("batchSize"), body.get("maxTimeMS")),
+                "ok": 1.0}
 
     def _kill_cursors(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         _check_fields(body, "killCursors", {"cursors"})
@@ -735,6 +757,8 @@ def as_command_error(exc: Exception, executor: Executor, collection: Any = None)
         return exc
     if isinstance(exc, UnsupportedByMemoryBackend | NotImplementedError):
         return not_implemented(str(exc))
+    if isinstance(exc, PyMongoError) and (reply := server_reply(exc)) is not None:
+        return reply  # the in-memory server's own error (e.g. not primary), as it is
     if isinstance(exc, DuplicateKeyError):
         details = exc.details or {}
         pattern = details.get("keyPattern", {})

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ class Cursor:
     last_used: float = field(default_factory=time.monotonic)
     #: a document read from ``documents`` that did not fit in the last batch
     carried: RawBSONDocument | None = None
+    #: a change stream's cursor reads from its ServerChangeStream instead
+    stream: Any = None
 
 
 class Cursors:
@@ -96,6 +98,24 @@ class Cursors:
                 self._cursors[cursor.id] = cursor
         return {"firstBatch": first, "id": Int64(cursor.id), "ns": namespace}
 
+    def open_stream(self, stream: Any, namespace: str, events: Sequence[Mapping[str, Any]],
+                    token: Mapping[str, Any], requirement: Requirement) -> dict[str, Any]:
+        """The ``cursor`` field of a change stream's first reply; keeps the stream open."""
+        cursor = Cursor(stream.id, namespace, iter(()), requirement, stream=stream)
+        if stream.alive:
+            with self._lock:
+                self._expire()
+                self._cursors[cursor.id] = cursor
+        return {"firstBatch": [self._encode(event) for event in events],
+                "postBatchResumeToken": token,
+                "id": Int64(stream.id if stream.alive else 0), "ns": namespace}
+
+    def is_change_stream(self, cursor_id: Any, namespace: str) -> bool:
+        with self._lock:
+            cursor = self._cursors.get(cursor_id) if isinstance(cursor_id, int) else None
+        return cursor is not None and cursor.stream is not None and \
+            cursor.namespace == namespace
+
     def requirement(self, cursor_id: Any, namespace: str) -> Requirement:
         """What the command that opened a cursor needed (getMore needs it too)."""
         return self._find(cursor_id, namespace).requirement
@@ -112,9 +132,12 @@ class Cursors:
                                    f"belongs to a different namespace {cursor.namespace}")
         return cursor
 
-    def get_more(self, cursor_id: Any, namespace: str, batch_size: Any) -> dict[str, Any]:
+    def get_more(self, cursor_id: Any, namespace: str, batch_size: Any,
+                 max_time_ms: Any = None) -> dict[str, Any]:
         """The ``cursor`` field of a getMore reply."""
         cursor = self._find(cursor_id, namespace)
+        if cursor.stream is not None:
+            return self._stream_batch(cursor, batch_size, max_time_ms)
         batch = self._batch(cursor, _batch_size(batch_size, None))
         cursor.last_used = time.monotonic()
         if self._exhausted(cursor):
@@ -126,6 +149,30 @@ class Cursors:
                 self._cursors.move_to_end(cursor.id)
         return {"nextBatch": batch, "id": Int64(cursor.id), "ns": namespace}
 
+    def _stream_batch(self, cursor: Cursor, batch_size: Any, max_time_ms: Any
+                      ) -> dict[str, Any]:
+        """A change stream's next batch, waiting up to ``maxTimeMS`` (1 s by default) for it;
+        never under the store's lock."""
+        from ._changestreams import stream_errors
+
+        wait = 1.0 if max_time_ms is None else max(0.0, float(max_time_ms) / 1000)
+        size = _batch_size(batch_size, None) or None
+        try:
+            events, token = cursor.stream.next_batch(wait, size)
+        except Exception as exc:
+            self._forget(cursor)
+            raise stream_errors(exc) from None
+        cursor.last_used = time.monotonic()
+        if not cursor.stream.alive:
+            self._forget(cursor)
+        return {"nextBatch": [self._encode(event) for event in events],
+                "postBatchResumeToken": token,
+                "id": Int64(cursor.id if cursor.stream.alive else 0), "ns": cursor.namespace}
+
+    def _forget(self, cursor: Cursor) -> None:
+        with self._lock:
+            self._cursors.pop(cursor.id, None)
+
     def kill(self, namespace: str, cursor_ids: Any) -> dict[str, Any]:
         """A killCursors reply."""
         if not isinstance(cursor_ids, list):
@@ -136,6 +183,8 @@ class Cursors:
                 cursor = self._cursors.get(int(cursor_id))
                 if cursor is not None and cursor.namespace == namespace:
                     del self._cursors[int(cursor_id)]
+                    if cursor.stream is not None:
+                        cursor.stream.close()
                     killed.append(Int64(cursor_id))
                 else:
                     not_found.append(Int64(cursor_id))
@@ -147,9 +196,14 @@ class Cursors:
         now = time.monotonic()
         for cursor_id in [cid for cid, c in self._cursors.items()
                           if now - c.last_used > IDLE_TIMEOUT]:
-            del self._cursors[cursor_id]
+            self._drop_locked(cursor_id)
         while len(self._cursors) >= MAX_CURSORS:
-            self._cursors.popitem(last=False)
+            self._drop_locked(next(iter(self._cursors)))
+
+    def _drop_locked(self, cursor_id: int) -> None:
+        cursor = self._cursors.pop(cursor_id)
+        if cursor.stream is not None:
+            cursor.stream.close()
 
 
 def _batch_size(value: Any, default: int | None) -> int | None:

@@ -25,6 +25,7 @@ CODE_NAMES = {
     85: "IndexOptionsConflict",
     86: "IndexKeySpecsConflict",
     100: "UnsatisfiableWriteConcern",
+    123: "NotAReplicaSet",
     189: "PrimarySteppedDown",
     225: "TransactionTooOld",
     238: "NotImplemented",
@@ -33,6 +34,7 @@ CODE_NAMES = {
     13435: "NotPrimaryNoSecondaryOk",
     40415: "Location40415",
     40573: "Location40573",
+    51300: "Location51300",
 }
 
 #: Codes after which a retryable write may be retried (a server labels them

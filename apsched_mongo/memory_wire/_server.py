@@ -30,12 +30,13 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "the in-memory server's wire front needs mockupdb: pip install 'apsched-mongo[memory]'"
     ) from exc
-from bson import CodecOptions, DatetimeConversion, ObjectId, UuidRepresentation
+from bson import CodecOptions, DatetimeConversion, UuidRepresentation
 from bson.raw_bson import RawBSONDocument
 from bson.tz_util import utc
 
 from ..memory import MemoryServer
 from . import _access
+from ._changestreams import open_change_stream
 from ._commands import Executor
 from ._cursors import Cursors
 from ._errors import RETRYABLE_CODES, CommandError
@@ -69,11 +70,11 @@ class MemoryWireServer:
     Not a database: everything lives in this process's memory and goes when it stops.
 
     :param server: the data to serve (shared with any :class:`MemoryMongoClient` made from
-        it); a new, empty one by default
+        it), standalone or a replica set as it was made; a new, empty one by default
     :param host: the address to listen on
     :param port: the port; 0 picks a free one
-    :param replica_set: answer ``hello`` as the primary of a one-node replica set of this
-        name (drivers then send retryable writes with ``txnNumber``); standalone by default
+    :param replica_set: for a new server: make it a one-node replica set (``hello`` then
+        says so, drivers send retryable writes with ``txnNumber`` and change streams work)
     :param privileges: enforce a role: MongoDB privilege documents; a command needing an
         action outside them is answered Unauthorized (13). None: everything is allowed
     :param seed: seeds the faults' random draws
@@ -81,11 +82,13 @@ class MemoryWireServer:
     """
 
     def __init__(self, server: MemoryServer | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0, replica_set: str | None = None,
+                 port: int = 0, replica_set: bool = False,
                  privileges: Sequence[Mapping[str, Any]] | None = None, seed: int = 0,
                  record: bool = False) -> None:
-        self.memory = server or MemoryServer()
-        self.replica_set = replica_set
+        if server is not None and replica_set and not server.replica_set:
+            raise ValueError("replica_set=True, but the MemoryServer given is standalone "
+                             "(make it with MemoryServer(replica_set=True))")
+        self.memory = server or MemoryServer(replica_set=replica_set)
         self.privileges = list(privileges) if privileges is not None else None
         #: the faults injected (add, remove, clear)
         self.faults = FaultPlan(seed)
@@ -105,6 +108,8 @@ class MemoryWireServer:
         self.needs: Counter[_access.Need] = Counter()
         self._cursors = Cursors(WIRE_CODEC)
         self._executor = Executor(self.memory, self._cursors)
+        if self.memory.replica_set:
+            self._executor.change_streams = self._open_change_stream
         self._host, self._port = host, port
         self._tcp: _TCPServer | None = None
         self._thread: threading.Thread | None = None
@@ -112,8 +117,7 @@ class MemoryWireServer:
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, int] = {}
         self._next_connection_id = 1
-        self._stepped_down_until = 0.0
-        self._election_id = ObjectId()
+        self._stepped_down_until = 0.0  # a standalone server's step-down fault
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -154,6 +158,11 @@ class MemoryWireServer:
         return f"{self._host}:{self._port}"
 
     @property
+    def replica_set(self) -> str | None:
+        """The replica set's name, or None for a standalone server."""
+        return self.memory.set_name if self.memory.replica_set else None
+
+    @property
     def uri(self) -> str:
         """A connection string for this server (with ``replicaSet`` in replica-set mode)."""
         options = f"?replicaSet={self.replica_set}" if self.replica_set else ""
@@ -179,21 +188,20 @@ class MemoryWireServer:
 
     def step_down(self, seconds: float) -> None:
         """Stop being primary for ``seconds``: writes get NotWritablePrimary, primary reads
-        NotPrimaryNoSecondaryOk, and (as a replica set) ``hello`` says secondary."""
+        NotPrimaryNoSecondaryOk. A replica set (:meth:`MemoryServer.step_down`) also says
+        secondary in ``hello``, ends its change streams, and then elects itself again."""
+        if self.memory.replica_set:
+            self.memory.step_down(seconds)
+            return
         with self._lock:
             self._stepped_down_until = max(self._stepped_down_until,
                                            time.monotonic() + seconds)
 
     @property
     def is_primary(self) -> bool:
-        with self._lock:
-            if not self._stepped_down_until:
-                return True
-            if time.monotonic() < self._stepped_down_until:
-                return False
-            self._stepped_down_until = 0.0
-            self._election_id = ObjectId()  # a new election: drivers trust the new primary
-            return True
+        if self.memory.replica_set:
+            return self.memory.is_primary
+        return time.monotonic() >= self._stepped_down_until
 
     # --- requests --------------------------------------------------------------------------
 
@@ -238,11 +246,12 @@ class MemoryWireServer:
             reply = self._hello(name, body, connection_id)
         elif fault is not None and kind == "step-down":
             self.step_down(fault.seconds)
-            reply = self._labelled(body, _error(
+            reply = self._labelled(name, db, body, _error(
                 fault.code, "not primary" if fault.code == 10107 else
                 "Command failed because of a replica set state change"))
         else:
-            reply = self._labelled(body, self._checked_and_run(name, db, namespace, body))
+            reply = self._labelled(name, db, body,
+                                   self._checked_and_run(name, db, namespace, body))
         if kind == "lose-reply":
             _close(sock)
             return False  # executed, never answered
@@ -337,30 +346,58 @@ class MemoryWireServer:
         privileges = self.privileges
         return privileges is None or _access.visible(privileges, db, collection)
 
-    def _labelled(self, body: Mapping[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
-        """Add the error labels a server adds: RetryableWriteError on a retryable error of a
-        retryable write (one with a txnNumber)."""
-        if reply.get("ok") != 1 and "txnNumber" in body and reply.get("code") in RETRYABLE_CODES:
-            reply.setdefault("errorLabels", []).append("RetryableWriteError")
+    def _labelled(self, name: str, db: str, body: Mapping[str, Any],
+                  reply: dict[str, Any]) -> dict[str, Any]:
+        """Add the error labels a server adds to a retryable error: RetryableWriteError for
+        a retryable write (one with a txnNumber), ResumableChangeStreamError for a change
+        stream's aggregate or getMore; and, as a replica set, the cluster time."""
+        if self.memory.replica_set and (cluster_time := self.memory.cluster_time):
+            reply["$clusterTime"] = {"clusterTime": cluster_time,
+                                     "signature": {"hash": b"\0" * 20, "keyId": 0}}
+            reply["operationTime"] = cluster_time
+        if reply.get("ok") == 1 or reply.get("code") not in RETRYABLE_CODES:
+            return reply
+        labels = list(reply.get("errorLabels", []))
+        if "txnNumber" in body and "RetryableWriteError" not in labels:
+            labels.append("RetryableWriteError")
+        if self._is_change_stream(name, db, body) and "ResumableChangeStreamError" not in labels:
+            labels.append("ResumableChangeStreamError")
+        if labels:
+            reply["errorLabels"] = labels
         return reply
 
+    def _is_change_stream(self, name: str, db: str, body: Mapping[str, Any]) -> bool:
+        if name == "aggregate":
+            pipeline = body.get("pipeline")
+            return isinstance(pipeline, list) and bool(pipeline) and isinstance(
+                pipeline[0], Mapping) and "$changeStream" in pipeline[0]
+        return name == "getMore" and self._cursors.is_change_stream(
+            body.get("getMore"), f"{db}.{body.get('collection')}")
+
+    def _open_change_stream(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        return open_change_stream(self.memory, self._cursors, db, body,
+                                  self._executor.requirement)
+
     def _hello(self, name: str, body: Mapping[str, Any], connection_id: int) -> dict[str, Any]:
-        primary = self.is_primary or not self.replica_set
-        reply: dict[str, Any] = {}
+        """A standalone server's ``hello``, or the replica set's, at this front's address."""
+        key = "isWritablePrimary" if name == "hello" else "ismaster"
+        if self.memory.replica_set:
+            reply = self.memory.hello()
+            for field in ("hosts", "me", "primary"):
+                if field in reply:
+                    reply[field] = [self.address] if field == "hosts" else self.address
+            reply.pop("helloOk", None)
+            reply.pop("ismaster" if key == "isWritablePrimary" else "isWritablePrimary")
+        else:
+            reply = {key: True, "maxBsonObjectSize": 16 * 1024 * 1024,
+                     "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000,
+                     "localTime": datetime.now(UTC),
+                     "logicalSessionTimeoutMinutes": SESSION_TIMEOUT_MINUTES,
+                     "minWireVersion": 0, "maxWireVersion": MAX_WIRE_VERSION,
+                     "readOnly": False, "ok": 1.0}
+        reply["connectionId"] = connection_id
         if body.get("helloOk"):
             reply["helloOk"] = True
-        reply["isWritablePrimary" if name == "hello" else "ismaster"] = primary
-        if self.replica_set:
-            reply.update(setName=self.replica_set, setVersion=1, hosts=[self.address],
-                         me=self.address, secondary=not primary, electionId=self._election_id)
-            if primary:
-                reply["primary"] = self.address
-        reply.update(
-            maxBsonObjectSize=16 * 1024 * 1024, maxMessageSizeBytes=48_000_000,
-            maxWriteBatchSize=100_000, localTime=datetime.now(UTC),
-            logicalSessionTimeoutMinutes=SESSION_TIMEOUT_MINUTES, connectionId=connection_id,
-            minWireVersion=0, maxWireVersion=MAX_WIRE_VERSION, readOnly=False, ok=1.0,
-        )
         return reply
 
 
