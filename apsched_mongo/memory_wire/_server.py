@@ -338,7 +338,8 @@ class MemoryWireServer:
                                 self.grants_used[(index, need.action)] += 1
                             break
         if lacking:
-            shown = {key: value for key, value in body.items() if key not in ("lsid", "$db")}
+            shown = {key: value for key, value in body.items()
+                     if key not in ("lsid", "$db", "$clusterTime")}
             raise CommandError(13, f"not authorized on {db} to execute command {shown}")
         return requirement
 
