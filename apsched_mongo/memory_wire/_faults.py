@@ -72,6 +72,8 @@ class Fault:
         self.seen = 0
         self.hits = 0
         self._hit = threading.Condition()
+        #: set by :meth:`release`: holds end now
+        self.released = threading.Event()
 
     def __repr__(self) -> str:
         where = ", ".join(f"{key}={value!r}" for key, value in (
@@ -94,6 +96,11 @@ class Fault:
         with self._hit:
             self.hits += 1
             self._hit.notify_all()
+
+    def release(self) -> None:
+        """End this fault's holds now: the commands it holds run (and it holds no more)."""
+        self.times = self.hits
+        self.released.set()
 
     def wait(self, hits: int = 1, timeout: float = 10.0) -> bool:
         """Block until this fault has hit ``hits`` commands; False on timeout."""

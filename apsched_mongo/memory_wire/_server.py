@@ -239,7 +239,7 @@ class MemoryWireServer:
         fault = None if name in HELLO else self.faults.pick(name, namespace)
         kind = fault.kind if fault is not None else None
         if kind == "hangup" or (fault is not None and kind == "hold"
-                                and self._closes_within(sock, fault.seconds)):
+                                and self._closes_within(sock, fault)):
             _close(sock)
             return False  # not executed
         if name in HELLO:
@@ -265,11 +265,11 @@ class MemoryWireServer:
         sock.sendall(reply_class(raw).reply_bytes(request))
         return True
 
-    def _closes_within(self, sock: socket.socket, seconds: float) -> bool:
-        """Wait up to ``seconds``; True if the client closed the connection (or the server
-        stops) meanwhile, False once the time is up."""
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
+    def _closes_within(self, sock: socket.socket, fault: Fault) -> bool:
+        """Hold for the fault's ``seconds`` (or until it is released); True if the client
+        closed the connection (or the server stops) meanwhile."""
+        deadline = time.monotonic() + fault.seconds
+        while (remaining := deadline - time.monotonic()) > 0 and not fault.released.is_set():
             if self._stopping.is_set():
                 return True
             readable, _, _ = select.select([sock], [], [], min(remaining, 0.1))
