@@ -1177,9 +1177,14 @@ class MongoDBDataStore(BaseExternalDataStore):
         "drop"). Publishes ``JobReleased`` with outcome ``cancelled`` (scheduler id
         ``by``), so anyone waiting for the job's result learns of it. Returns False if the
         job is gone or a scheduler holds it."""
+        found = await self._run("discard_job", lambda: self._jobs.find_one(
+            {"_id": job_id}, projection={"task_id": True}))  # the shard key, if sharded
+        if found is None:
+            return False
+
         async def take(retrying: bool) -> dict[str, Any] | None:
             document: dict[str, Any] | None = await self._jobs.find_one_and_update(
-                {"_id": job_id, "acquired_by": None},
+                {"_id": job_id, "task_id": found["task_id"], "acquired_by": None},
                 {"$set": {"acquired_by": by, "lease": lease, "abandoned": True,
                           "acquired_until": await self._server_now() + TAKEOVER_WINDOW}},
                 return_document=ReturnDocument.AFTER,

@@ -594,3 +594,22 @@ async def test_abandoned_jobs_are_released_in_a_fixed_number_of_round_trips(
         await store.reap_abandoned_jobs("gone")
         assert plan.attempts.total() <= 5  # take over, read, results, delete (and clock)
     assert sorted(e.job_id for e in broker.of_type(JobReleased)) == sorted(j.id for j in held)
+
+
+async def test_discard_job_drops_only_unclaimed_jobs_and_says_so(started: Any) -> None:
+    store, broker = await started()
+    await store.add_task(make_task())
+    queued, running = make_job(result_expiration_time=timedelta(minutes=1)), make_job()
+    await store.add_job(running)
+    [claimed] = await store.acquire_jobs("s1", LEASE, 1)
+    assert claimed.id == running.id
+    await store.add_job(queued)
+    assert not await store.discard_job(running.id)
+    assert await store.discard_job(queued.id, by="dashboard")
+    assert not await store.discard_job(queued.id)  # gone now
+    [event] = broker.of_type(JobReleased)
+    assert (event.job_id, event.outcome, event.scheduler_id) == (
+        queued.id, JobOutcome.cancelled, "dashboard")
+    result = await store.get_job_result(queued.id)
+    assert result is not None and result.outcome is JobOutcome.cancelled
+    assert [job.id for job in await store.get_jobs()] == [running.id]
