@@ -745,9 +745,9 @@ class MongoDBDataStore(BaseExternalDataStore):
 
     async def _claim_on_insert(self, job: Job) -> dict[str, Any]:
         """The claim fields for a job this node adds, if it may claim it at once: its
-        scheduler has room, no job waits (so none is overtaken), and the task has no
-        limit, or a limit of one that nobody is known to hold."""
-        if self._worker is None or self._spare < 1 or not self._view.idle():
+        scheduler has room, no other node's job waits (so none is overtaken), and the task
+        has no limit, or a limit of one that nobody is known to hold."""
+        if self._worker is None or not self._view.overtakes_nobody(self._spare):
             return {}
         limit = self._view.limits.get(job.task_id, UNKNOWN)
         if limit not in (None, 1) or (limit == 1 and self._view.running.get(job.task_id)):
@@ -934,8 +934,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         # Jobs we tried and lost were claimed by others meanwhile: not waiting either
         gone = {job_id for job_id, _, _ in chosen}
         self._view.end_read(
-            ((doc["_id"], doc["task_id"], doc["queue_order"])
-             for group in groups for doc in group["jobs"] if doc["_id"] not in gone),
+            (doc for group in groups for doc in group["jobs"] if doc["_id"] not in gone),
             complete=complete, partial=partial,
             running={group["_id"]: {job["_id"] for job in group["running"]} for group in groups},
         )
