@@ -104,18 +104,26 @@ class JobStore(StoreBase):
         return claim
 
     async def _return_preclaimed(self) -> None:
-        """At shutdown, unclaim the jobs claimed on insert that the scheduler never took,
-        so another node runs them now rather than as abandoned after their lease."""
+        """At shutdown, unclaim the jobs claimed while being added or after a release that
+        the scheduler never took, so another node runs them now rather than as abandoned
+        after their lease. They are announced again (``JobAdded``): the other nodes heard
+        of them when they were claimed, and must hear that they can be claimed now."""
         if not self._preclaimed:
             return
-        leases = [self._leases.pop(job_id) for job_id in self._preclaimed]
-        ids = list(self._preclaimed)
+        documents = list(self._preclaimed.values())
+        leases = [self._leases.pop(document["_id"]) for document in documents]
         self._preclaimed.clear()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await self._run("returning jobs claimed on insert", lambda: self._jobs.update_many(
-                {"_id": {"$in": ids}, "lease": {"$in": leases}},
+            await self._run("returning claimed jobs", lambda: self._jobs.update_many(
+                {"_id": {"$in": [document["_id"] for document in documents]},
+                 "lease": {"$in": leases}},
                 {"$unset": {"acquired_by": "", "acquired_until": "", "lease": "", "slot": ""}},
             ))
+            await self._publish_all(
+                JobAdded(job_id=document["_id"], task_id=document["task_id"],
+                         schedule_id=document.get("schedule_id"))
+                for document in documents
+            )
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         query = {} if ids is None else {"_id": {"$in": list(ids)}}
