@@ -641,7 +641,17 @@ async def test_no_kind_of_interruption_loses_or_repeats_an_event(
     """A writer inserts 300 documents while every kind of fault hits the stream; a reader
     that reopens after its last resume token whenever an error reaches it gets each exactly
     once, in order."""
-    total = 300
+    await interruption_drill(server, coll, total=300)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("batch_size", [1, 7, 101])
+async def test_interruption_soak(server: MemoryServer, coll: Any, batch_size: int) -> None:
+    await interruption_drill(server, coll, total=3000, batch_size=batch_size)
+
+
+async def interruption_drill(server: MemoryServer, coll: Any, total: int,
+                             batch_size: int = 7) -> None:
     faults = [
         lambda: server.interrupt_change_streams(),
         lambda: server.interrupt_change_streams(AutoReconnect("connection reset")),
@@ -667,7 +677,7 @@ async def test_no_kind_of_interruption_loses_or_repeats_an_event(
         token = None
         while len(received) < total:
             try:
-                async with await coll.watch(resume_after=token, batch_size=7,
+                async with await coll.watch(resume_after=token, batch_size=batch_size,
                                             max_await_time_ms=QUICK) as stream:
                     while len(received) < total:
                         change = await stream.try_next()
@@ -678,7 +688,7 @@ async def test_no_kind_of_interruption_loses_or_repeats_an_event(
                 errors_seen += 1
                 await anyio.sleep(0.005)
 
-    with anyio.fail_after(30):
+    with anyio.fail_after(30 + total / 50):
         async with anyio.create_task_group() as tg:
             tg.start_soon(read)
             tg.start_soon(write)
