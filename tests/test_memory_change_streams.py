@@ -841,6 +841,7 @@ async def test_server_streams_give_the_shapes_the_scripted_server_sends(
                         "fullDocument.node": {"$ne": "this-node"}}}
     stream = server.open_change_stream(database="apscheduler", collection="apsched_events",
                                        pipeline=[match])
+    assert stream.namespace == "apscheduler.apsched_events"
     first, token = stream.next_batch(0, 101)
     assert first == [] and set(token) == {"_data"}
     await events.insert_one({"_id": 1, "node": "this-node"})  # filtered out

@@ -79,7 +79,7 @@ class ServerChangeStream:
     * each ``getMore`` is ``next_batch(max_await_seconds, batch_size)`` (MongoDB waits one
       second when ``maxAwaitTimeMS`` is not given; ``batchSize`` absent or 0 is ``None``);
     * after each batch the cursor id to report is :attr:`id` while :attr:`alive`, else 0
-      (the stream ended with an ``invalidate``);
+      (the stream ended with an ``invalidate``), with :attr:`namespace` as its ``ns``;
     * ``killCursors`` is :meth:`close` (a batch waiting meanwhile raises ``CursorKilled``).
 
     Never hold :attr:`MemoryServer.lock` while asking for a batch: writers need it to commit
@@ -184,6 +184,12 @@ class ServerChangeStream:
     def alive(self) -> bool:
         """``False`` once closed or ended by an ``invalidate`` (report cursor id 0)."""
         return not (self._closed or self._ended)
+
+    @property
+    def namespace(self) -> str:
+        """The cursor's ``ns`` in replies (``db.coll``, ``db.$cmd.aggregate`` or
+        ``admin.$cmd.aggregate``)."""
+        return self.scope.namespace
 
     @property
     def post_batch_resume_token(self) -> dict[str, str]:
