@@ -80,8 +80,6 @@ async def start_node(backend: Backend) -> AsyncIterator[StartNode]:
 
 async def expected_mode(backend: Backend) -> str:
     """What ``mode="auto"`` must choose on this back end."""
-    if not backend.is_real:
-        return "polling"
     hello = await backend.client().admin.command("hello")
     return "change_stream" if "setName" in hello or hello.get("msg") == "isdbgrid" else "polling"
 
