@@ -1,11 +1,13 @@
 """Back ends for the behavioural suite.
 
-Every test that takes ``backend`` runs on the in-memory fake, and also on a real server
-when ``APSCHED_MONGO_TEST_URI`` is set (each test then gets a fresh database, dropped
-afterwards). ``--mongod`` starts a throwaway single-node replica set from a ``mongod``
-found on PATH and uses it as that real server; ``--memory-wire`` starts the in-memory
-server's wire-protocol front (``apsched_mongo.memory_wire``) in a thread and uses that, so
-the real-server tier runs through the real ``AsyncMongoClient`` without a mongod.
+Every test that takes ``backend`` runs on the in-memory fake twice, as a standalone server
+(``memory``: the broker polls) and as a replica-set primary (``memory-rs``: change
+streams), and also on a real server when ``APSCHED_MONGO_TEST_URI`` is set (each test then
+gets a fresh database, dropped afterwards). ``--mongod`` starts a throwaway single-node
+replica set from a ``mongod`` found on PATH and uses it as that real server;
+``--memory-wire[=replica-set]`` starts the in-memory server's wire-protocol front
+(``apsched_mongo.memory_wire``) in a thread and uses that, so the real-server tier runs
+through the real ``AsyncMongoClient`` without a mongod.
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "real_server: the real-server tier (backend 'real'); "
-                                       "`-m real_server` runs only it")
     if config.getoption("--mongod") and not os.environ.get(REAL_URI_ENV):
         from tests._mongod import start_replica_set
 
@@ -57,9 +57,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def backend_names() -> list[Any]:
+    memory: list[Any] = ["memory", "memory-rs"]
     if not os.environ.get(REAL_URI_ENV):
-        return ["memory"]
-    return ["memory", pytest.param("real", marks=pytest.mark.real_server)]
+        return memory
+    return [*memory, pytest.param("real", marks=pytest.mark.real_server)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -70,17 +71,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Soak tests are long variants of drills that always run; they run only with --soak."""
+    """Soak tests are long variants of drills that always run; they run only with --soak.
+    Tests of what only a real server has (a query planner) run only in the real tier;
+    ``-m real_server`` selects that tier alone."""
     if config.getoption("--memory-wire"):
         from tests._memory_wire import mark_known_differences
 
         mark_known_differences(items)
-    if config.getoption("--soak"):
-        return
-    soak = [item for item in items if item.get_closest_marker("soak")]
-    if soak:
-        config.hook.pytest_deselected(items=soak)
-        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    unwanted = set()
+    if not config.getoption("--soak"):
+        unwanted.add("soak")
+    if not os.environ.get(REAL_URI_ENV):
+        unwanted.add("real_server")
+    deselected = [item for item in items
+                  if any(item.get_closest_marker(name) for name in unwanted)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
 
 
 @pytest.fixture
@@ -94,7 +101,8 @@ class Backend:
     def __init__(self, name: str) -> None:
         self.name = name
         self.database = f"apsched_test_{uuid4().hex[:12]}"
-        self._server = MemoryServer()
+        #: The in-memory server (for its fault hooks); ``None`` for a real server
+        self.server = None if name == "real" else MemoryServer(replica_set=name == "memory-rs")
         self._clients: list[Any] = []
 
     @property
@@ -108,7 +116,7 @@ class Backend:
                 uuidRepresentation="standard",
             )
         else:
-            client = MemoryMongoClient(self._server)
+            client = MemoryMongoClient(self.server)
         self._clients.append(client)
         return client
 

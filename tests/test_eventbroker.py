@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any, cast
 
 import anyio
-import attrs
 import pytest
 from apscheduler import (
     AsyncScheduler,
@@ -38,7 +37,9 @@ from tests.broker_helpers import (
     TIMEOUT,
     Inbox,
     LogWatch,
+    StartNode,
     job_added,
+    node_starter,
     unserializable_event,
 )
 from tests.conftest import Backend
@@ -51,37 +52,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@attrs.define
-class Node:
-    broker: MongoDBEventBroker
-    inbox: Inbox
-
-
-StartNode = Callable[..., Awaitable[Node]]
-
-
 @pytest.fixture
 async def start_node(backend: Backend) -> AsyncIterator[StartNode]:
     """``await start_node(**broker_kwargs)``: a started broker on its own client, with a
     subscriber recording everything it delivers."""
-    async with AsyncExitStack() as stack:
-
-        async def start(**kwargs: Any) -> Node:
-            kwargs.setdefault("database", backend.database)
-            kwargs.setdefault("poll_interval", 0.02)
-            broker = MongoDBEventBroker(backend.client(), **kwargs)
-            inbox = Inbox()
-            broker.subscribe(inbox)
-            await broker.start(stack, LOGGER)
-            return Node(broker, inbox)
-
+    async with node_starter(backend.client, database=backend.database,
+                            poll_interval=0.02) as start:
         yield start
 
 
 async def expected_mode(backend: Backend) -> str:
     """What ``mode="auto"`` must choose on this back end."""
-    if not backend.is_real:
-        return "polling"
     hello = await backend.client().admin.command("hello")
     return "change_stream" if "setName" in hello or hello.get("msg") == "isdbgrid" else "polling"
 
@@ -417,3 +398,27 @@ async def test_a_schedule_added_on_one_node_wakes_a_worker_on_another(backend: B
     print(f"\n[{backend.name}, {broker_b.active_mode}] add_schedule on A -> job start on B: "
           f"{latency * 1000:.1f} ms")
     assert latency < 5
+
+
+@pytest.mark.anyio
+async def test_a_steady_stream_of_events_is_sent_within_publish_delay(
+    backend: Backend, start_node: StartNode
+) -> None:
+    """Events published one after another keep waking the sender: each document still
+    goes out within publish_delay of its first event, not when the stream stops."""
+    writer = await start_node(publish_delay=0.005)
+    reader = await start_node()
+    started = monotonic()
+    for n in range(100):
+        await writer.broker.publish(job_added(str(n)))
+        sum(range(20_000))  # the workload between events: a little work, no sleep
+        await anyio.lowlevel.checkpoint()
+    elapsed = monotonic() - started
+    assert elapsed > 0.03  # long enough for several documents
+    await writer.broker.flush()
+    documents = await events_collection(backend).find({}).to_list(None)
+    assert sum(len(d["events"]) for d in documents) == 100
+    # Not one document at the end: several while the stream went on (the writes themselves
+    # take time too, so fewer than elapsed / publish_delay)
+    assert len(documents) >= 5, (len(documents), elapsed)
+    assert len(await reader.inbox.wait_for(100)) == 100

@@ -79,7 +79,7 @@ class ServerChangeStream:
     * each ``getMore`` is ``next_batch(max_await_seconds, batch_size)`` (MongoDB waits one
       second when ``maxAwaitTimeMS`` is not given; ``batchSize`` absent or 0 is ``None``);
     * after each batch the cursor id to report is :attr:`id` while :attr:`alive`, else 0
-      (the stream ended with an ``invalidate``);
+      (the stream ended with an ``invalidate``), with :attr:`namespace` as its ``ns``;
     * ``killCursors`` is :meth:`close` (a batch waiting meanwhile raises ``CursorKilled``).
 
     Never hold :attr:`MemoryServer.lock` while asking for a batch: writers need it to commit
@@ -184,6 +184,12 @@ class ServerChangeStream:
     def alive(self) -> bool:
         """``False`` once closed or ended by an ``invalidate`` (report cursor id 0)."""
         return not (self._closed or self._ended)
+
+    @property
+    def namespace(self) -> str:
+        """The cursor's ``ns`` in replies (``db.coll``, ``db.$cmd.aggregate`` or
+        ``admin.$cmd.aggregate``)."""
+        return self.scope.namespace
 
     @property
     def post_batch_resume_token(self) -> dict[str, str]:
@@ -332,14 +338,14 @@ class ServerChangeStream:
     def _pipeline(self, event: dict[str, Any]) -> dict[str, Any] | None:
         token = event["_id"]
         for name, spec in self._stages:
-            if name == "$match":
-                try:
+            try:
+                if name == "$match":
                     if not filter_applies(spec, event):  # type: ignore[no-untyped-call]
                         return None
-                except NotImplementedError as exc:
-                    self._fail(UnsupportedByMemoryBackend(f"$match in a change stream: {exc}"))
-            else:
-                event = project([event], None, spec, None)[0]
+                else:
+                    event = project([event], None, spec, None)[0]
+            except NotImplementedError as exc:  # mongomock-ng's own "can't do that"
+                self._fail(UnsupportedByMemoryBackend(f"{name} in a change stream: {exc}"))
         if event.get("_id") != token:
             self._fail(server_error(
                 280, "ChangeStreamFatalError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from time import monotonic
@@ -64,7 +65,8 @@ class MemoryServer:
         )
         #: mongomock-ng's server store: ``mongomock_ng.MongoClient(_store=server.store)``
         self.store = MemoryServerStore(self._recorder)
-        self._streams: set[ServerChangeStream] = set()
+        # Open streams, for the fault hooks; one nobody holds any more is forgotten
+        self._streams: weakref.WeakSet[ServerChangeStream] = weakref.WeakSet()
         self._streams_lock = threading.Lock()
         self._primary_from = 0.0  # monotonic time when the current election ends
         self._term = 1
