@@ -56,7 +56,11 @@ def anyio_backend() -> str:
 
 
 class ReleasedWithoutEvent(AssertionError):
-    """Jobs gone from the queue, their results stored, but no JobReleased ever published."""
+    """Jobs gone from the queue (released) but no JobReleased ever published."""
+
+
+class FireTimeTwice(AssertionError):
+    """Two jobs for one fire time of a schedule."""
 
 
 class Observer:
@@ -88,7 +92,7 @@ class Observer:
             results = [await self.store.get_job_result(job_id) for job_id in unreleased]
             problem = f"timed out waiting until {what}; {len(unreleased)} jobs unreleased, " \
                 f"{len(queued)} of them queued, {sum(map(bool, results))} with a result"
-            if unreleased and not queued and all(results):
+            if unreleased and not queued:
                 raise ReleasedWithoutEvent(problem) from None
             raise AssertionError(problem) from None
 
@@ -176,9 +180,15 @@ class Cluster:
 
 @contextmanager
 def cluster_in(directory: Path) -> Iterator[Cluster]:
+    """Node processes (killed at the end if still running). A drill's failed assertion
+    comes out as itself, not wrapped in the observer's task group."""
     cluster = Cluster(directory)
     try:
         yield cluster
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], AssertionError):
+            raise group.exceptions[0] from None
+        raise
     finally:
         cluster.close()
 
@@ -221,7 +231,8 @@ def assert_every_fire_time_once(observer: Observer, schedule: Schedule, seconds:
     """The schedule's fire times, from the first on, were each released exactly once
     (whatever the outcome): none lost, none doubled. Returns how many."""
     fired = Counter(event.scheduled_start for event in observer.of_schedule(schedule.id))
-    assert max(fired.values(), default=1) == 1, f"fire times released twice: {fired}"
+    if max(fired.values(), default=1) > 1:
+        raise FireTimeTwice(f"fire times released twice: {fired}")
     times = sorted(time for time in fired if time is not None)
     assert times[0] == schedule.next_fire_time
     gaps = {later - earlier for earlier, later in itertools.pairwise(times)}
@@ -326,11 +337,12 @@ async def run_rolling_restart(directory: Path, jobs: int, rounds: int) -> Observ
     return observer
 
 
-LOST_ON_STOP = pytest.mark.xfail(strict=False, raises=ReleasedWithoutEvent, reason=(
-    "a node stopped just after a job's release committed may never publish its JobReleased "
-    "(datastore.release_job is not shielded from the stop's cancellation): "
-    "tests/test_wire_findings.py::test_a_release_cancelled_after_its_commit_point_is_still_"
-    "published pins it"))
+LOST_ON_STOP = pytest.mark.xfail(strict=False, raises=(ReleasedWithoutEvent, FireTimeTwice),
+                                 reason=(
+    "a node stopped just after a job's release committed may never publish its JobReleased, "
+    "and one stopped while firing a schedule makes its successor fire that time again: "
+    "tests/test_wire_findings.py pins both (a release cancelled after its commit point; a "
+    "fire time interrupted by a stop)"))
 
 
 @LOST_ON_STOP
@@ -375,7 +387,10 @@ async def run_fault_drill(directory: Path, jobs: int, seed: int) -> dict[str, in
             took = time.monotonic() - started
             faulty.faults.clear()
             for identity in ("node-a", "node-b", "node-c"):
-                await cluster.stop(identity)
+                # all released: nothing left to lose. (A graceful stop right after a
+                # step-down can crash a node in PyMongo's server selection on Python < 3.13:
+                # RuntimeError "Lock is not acquired"; not what this drill is about.)
+                cluster.kill(identity)
         runs = assert_exactly_once(observer, cluster)
         assert sum(observer.outcomes().values()) == jobs
         assert set(runs) <= {job.id for job in added}

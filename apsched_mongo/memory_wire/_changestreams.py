@@ -86,7 +86,7 @@ def open_change_stream(memory: MemoryServer, cursors: Cursors, db: str, body: di
                                               else int(batch_size))
     except (PyMongoError, UnsupportedByMemoryBackend) as exc:
         raise _error(exc) from None
-    return {"cursor": cursors.open_stream(stream, stream.scope.namespace, events, token,
+    return {"cursor": cursors.open_stream(stream, stream.namespace, events, token,
                                           requirement), "ok": 1.0}
 
 

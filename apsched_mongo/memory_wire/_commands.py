@@ -253,7 +253,9 @@ class Executor:
         version = mongomock_ng.SERVER_VERSION
         numbers = [int(part) for part in version.split(".")[:3]]
         return {"version": version, "versionArray": [*numbers, 0], "gitVersion": "memory",
-                "bits": 64, "maxBsonObjectSize": 16 * 1024 * 1024, "ok": 1.0}
+                "bits": 64, "maxBsonObjectSize": 16 * 1024 * 1024,
+                # says to tests what they talk to (e.g. there is no query planner here)
+                "apschedMongoMemoryFront": True, "ok": 1.0}
 
     def _get_default_rw_concern(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         """The implicit defaults of a replica set without arbiters (MongoDB 5.0+)."""
