@@ -6,7 +6,7 @@ streams), and also on a real server when ``APSCHED_MONGO_TEST_URI`` is set (each
 gets a fresh database, dropped afterwards). ``--mongod`` starts a throwaway single-node
 replica set from a ``mongod`` found on PATH and uses it as that real server;
 ``--memory-wire[=replica-set]`` starts the in-memory server's wire-protocol front
-(``apsched_mongo.memory_wire``) in a thread and uses that, so the real-server tier runs
+(``python -m apsched_mongo.memory_wire``) and uses that, so the real-server tier runs
 through the real ``AsyncMongoClient`` without a mongod.
 """
 
@@ -77,7 +77,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if config.getoption("--memory-wire"):
         from tests._memory_wire import mark_known_differences
 
-        mark_known_differences(items)
+        mark_known_differences(config, items)
     unwanted = set()
     if not config.getoption("--soak"):
         unwanted.add("soak")
