@@ -17,7 +17,7 @@ from apscheduler.abc import EventBroker
 from apsched_mongo.eventbroker import MongoDBEventBroker
 
 from .backends import Backend, FanOutBus
-from .counting import CommandCounter, total
+from .counting import CommandCounter, time_in_round_trips, total
 
 #: ``"fanout"``: every node hears each event at once (:class:`~benchmarks.backends.FanOutBus`);
 #: ``"mongo"``: each node has our MongoDBEventBroker with a counted client of its own
@@ -44,6 +44,10 @@ class Cluster:
 
     def store_commands(self) -> Counter[str]:
         return total([node.store_counter for node in self.nodes])
+
+    def store_round_trip_seconds(self) -> float:
+        """Seconds spent in simulated store round trips, overlapping ones counted once."""
+        return time_in_round_trips([node.store_counter for node in self.nodes])
 
     def broker_commands(self) -> Counter[str]:
         return total([node.broker_counter for node in self.nodes if node.broker_counter])

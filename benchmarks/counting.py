@@ -47,6 +47,8 @@ class CommandCounter:
         self.record_writes = record_writes
         self.by_name: Counter[str] = Counter()
         self.write_starts: list[float] = []
+        #: start of each simulated round trip
+        self.round_trip_starts: list[float] = []
         self._lock = threading.Lock()
 
     def hit(self, name: str) -> None:
@@ -67,13 +69,17 @@ class CommandCounter:
         with self._lock:
             self.by_name.clear()
             self.write_starts.clear()
+            self.round_trip_starts.clear()
 
     async def round_trip_async(self) -> None:
         if self.round_trip:
+            self.round_trip_starts.append(time.perf_counter())
             await anyio.sleep(self.round_trip)
 
     def round_trip_sync(self) -> None:
         if self.round_trip:
+            with self._lock:
+                self.round_trip_starts.append(time.perf_counter())
             time.sleep(self.round_trip)
 
 
@@ -83,6 +89,21 @@ def total(counters: list[CommandCounter]) -> Counter[str]:
     for counter in counters:
         by_name.update(counter.by_name)
     return by_name
+
+
+def time_in_round_trips(counters: list[CommandCounter]) -> float:
+    """Seconds during which at least one simulated round trip of these counters was under
+    way: round trips made one after another add up, those made at the same time count once.
+    Each lasts its nominal length from its start (a busy event loop resuming the caller late
+    is not the network's doing)."""
+    spans = sorted((start, start + counter.round_trip)
+                   for counter in counters for start in counter.round_trip_starts)
+    covered, reached = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return covered
 
 
 class CommandListener(monitoring.CommandListener):

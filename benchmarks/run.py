@@ -98,7 +98,7 @@ class Config:
             fire_nodes=3, fire_schedules=50, fire_interval=0.2,
             fire_seconds=5.0 if quick else 30.0,
             drain_jobs=100 if quick else 300, drain_nodes=(1, 4),
-            builtin_drain_nodes=(1,) if quick else (1, 4), drain_extra_rtt_ms=5.0,
+            builtin_drain_nodes=(1,) if quick else (1, 4), drain_extra_rtt_ms=10.0,
             lifecycle_rounds={1: 10, 10: 2, 100: 1} if quick else {1: 50, 10: 10, 100: 2},
             fire_batches=(1, 10), fire_rounds=2 if quick else 5,
             wakeup_samples=3 if quick else 8, heartbeat=1.0,
@@ -268,6 +268,7 @@ class Runner:
                 ("lag_p95", "lag, p95", "s", lambda r: r.percentile(0.95) if r.lags else None),
                 ("lag_max", "lag, max", "s", lambda r: max(r.lags) if r.lags else None),
                 ("drift", "drift (lag growth per second of run)", "s/s", lambda r: r.drift),
+                ("backlog", "jobs queued or running at the end", "jobs", lambda r: r.backlog),
             ]
             for key, name, unit, value in rows:
                 self.add(f"fires.{broker}.{key}", section, f"{label}: {name}", unit, results,
@@ -303,16 +304,20 @@ class Runner:
                 f"drain, {c.drain_jobs} jobs, {where}, +{c.drain_extra_rtt_ms:g} ms per command",
                 lambda n=nodes: drain(  # type: ignore[misc]
                     self.backend, OURS, n, c.drain_jobs, extra))
+            slower = {OURS: slow}
+            plus = f"+{c.drain_extra_rtt_ms:g} ms per command"
             self.add(f"drain.{nodes}.ms_per_job_slower", section,
-                     f"{where}: time per job, +{c.drain_extra_rtt_ms:g} ms per command",
-                     "ms", {OURS: slow}, lambda r: 1000 * r.seconds_per_job, slow_note)
-            pair = {OURS: (base[OURS], slow)}
+                     f"{where}, {plus}: time per job", "ms", slower,
+                     lambda r: 1000 * r.seconds_per_job, slow_note)
             self.add(f"drain.{nodes}.round_trips", section,
-                     f"{where}: round trips one after another per job (added time / "
-                     f"{c.drain_extra_rtt_ms:g} ms)", "round trips", pair,
-                     lambda p: None if None in p else
-                     (p[1].seconds_per_job - p[0].seconds_per_job) / extra,
-                     "; ".join(filter(None, [note, slow_note])))
+                     f"{where}, {plus}: round trips one after another per job", "round trips",
+                     slower, lambda r: r.serial_round_trips_per_job, slow_note)
+            self.add(f"drain.{nodes}.cpu_ms_per_job_slower", section,
+                     f"{where}, {plus}: CPU per job", "ms", slower,
+                     lambda r: 1000 * r.cpu_seconds_per_job, slow_note)
+            self.add(f"drain.{nodes}.unexplained_ms_per_job", section,
+                     f"{where}, {plus}: rest of the time per job (idle, or waiting for a "
+                     "core)", "ms", slower, lambda r: 1000 * r.unexplained_per_job, slow_note)
 
     # --- 5. the DataStore API directly, wake-up latency ------------------------------------
 

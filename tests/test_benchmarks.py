@@ -12,7 +12,12 @@ import pytest
 
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
 from benchmarks.backends import BUILTIN, OURS, Backend
-from benchmarks.counting import WRITE_COMMANDS, CommandCounter, counting_async_client
+from benchmarks.counting import (
+    WRITE_COMMANDS,
+    CommandCounter,
+    counting_async_client,
+    time_in_round_trips,
+)
 from benchmarks.report import GOALS, markdown, write_json
 from benchmarks.run import DEFAULT, UNLIMITED, Config, Runner
 from benchmarks.scenarios.direct import lifecycle_commands_per_job
@@ -43,6 +48,13 @@ async def test_simulated_round_trip_is_spent_per_command() -> None:
     for number in range(5):
         await collection.insert_one({"_id": number})
     assert time.perf_counter() - started >= 5 * 0.02
+
+
+def test_round_trips_at_the_same_time_count_once() -> None:
+    first, second = CommandCounter(round_trip=1.0), CommandCounter(round_trip=1.0)
+    first.round_trip_starts += [0.0, 0.5, 3.0]  # 0-1 and 0.5-1.5 overlap; 3-4 stands alone
+    second.round_trip_starts += [1.5]  # 1.5-2.5 follows on directly
+    assert time_in_round_trips([first, second]) == pytest.approx(3.5)
 
 
 async def test_direct_life_cycle_counts_are_deterministic() -> None:
@@ -132,5 +144,7 @@ async def test_tiny_run_reports_every_section_with_goals_and_ratios(tmp_path: Pa
                 "direct.lifecycle.1", "direct.wakeup"):
         assert rows[key]["ours"] is not None, key
     assert rows["broker.batched.lost"]["ours"] == 0
+    # A serial task's release and the next claim cannot overlap, whatever the store
+    assert rows["drain.1.round_trips"]["ours"] >= 2
     assert markdown(figures, "title").index(DEFAULT) < markdown(figures, "title").index(
         UNLIMITED)

@@ -3,11 +3,12 @@
 ``jobs`` jobs of one task with APScheduler's default settings are queued first, then
 ``nodes`` schedulers start and drain them (every node hears each event at once). Only one
 job of the task may run at a time, so the time per job is the chain release -> event ->
-claim of the next job -> start: a sum of round trips one after the other. Measured once as
-is and once with ``extra_round_trip`` seconds added to every command, the difference divided
-by ``extra_round_trip`` is the number of round trips on that chain per job. What the round
-trips do not explain is CPU (in memory, the fake server's work is in this process too) or,
-if the process was idle, waiting.
+claim of the next job -> start, run once per job: CPU (in memory, the fake server's work is
+in this process too), plus round trips one after the other, plus any idle wait.
+
+With a simulated round trip (``--rtt-ms`` or ``extra_round_trip``) the round trips on that
+chain are measured directly: the time during which at least one store command was in its
+round trip, divided by the round trip (commands sent at the same time count once).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Drain:
     seconds: float
     cpu_seconds: float  # of this whole process: the in-memory server's work included
     store: Counter[str]
+    round_trip: float  # simulated, per command (0: none)
+    round_trip_seconds: float  # time in simulated round trips, overlaps counted once
 
     @property
     def jobs_per_second(self) -> float:
@@ -39,6 +42,19 @@ class Drain:
     @property
     def cpu_seconds_per_job(self) -> float:
         return self.cpu_seconds / self.jobs
+
+    @property
+    def serial_round_trips_per_job(self) -> float | None:
+        """Round trips one after another per job (with a simulated round trip)."""
+        if not self.round_trip:
+            return None
+        return self.round_trip_seconds / self.round_trip / self.jobs
+
+    @property
+    def unexplained_per_job(self) -> float:
+        """Seconds per job neither in round trips nor computing: idle waits (or, on a busy
+        machine, waiting for a core)."""
+        return (self.seconds - self.round_trip_seconds - self.cpu_seconds) / self.jobs
 
     @property
     def store_per_job(self) -> float:
@@ -58,4 +74,5 @@ async def drain(backend: Backend, kind: str, nodes: int, jobs: int,
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_started
         await nodes_.settle()
-        return Drain(jobs, seconds, cpu_seconds, nodes_.store_commands())
+        return Drain(jobs, seconds, cpu_seconds, nodes_.store_commands(),
+                     backend.round_trip + extra_round_trip, nodes_.store_round_trip_seconds())
