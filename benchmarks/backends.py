@@ -11,7 +11,8 @@ its own :class:`~benchmarks.counting.CommandCounter`, so counts split by node an
 from __future__ import annotations
 
 import threading
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
+from logging import Logger
 from typing import Any
 from uuid import uuid4
 
@@ -136,3 +137,16 @@ class FanOutBus:
         broker = NodeBroker()
         self.brokers.append(broker)
         return broker
+
+
+class SharedLocalBroker(LocalEventBroker):
+    """One LocalEventBroker for several schedulers in this process: started once by its
+    owner, so each scheduler's ``start`` (and its exit) leaves it alone. (Used by the fault
+    drills in tests/test_drills.py, imported from :mod:`benchmarks.run`.)"""
+
+    async def start_shared(self, exit_stack: AsyncExitStack, logger: Logger) -> None:
+        await super().start(exit_stack, logger)
+
+    async def start(self, exit_stack: AsyncExitStack, logger: Logger) -> None:
+        pass
+

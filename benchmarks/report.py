@@ -128,7 +128,7 @@ def rst(figures: list[Figure], headline: str) -> str:
 
     lines = [headline]
     for section, rows in _rows(figures).items():
-        lines += ["", section, "", ".. csv-table::", "   :header-rows: 1", ""]
+        lines += ["", f".. csv-table:: {section}", "   :header-rows: 1", ""]
         lines += ["   " + ", ".join(quote(cell) for cell in row) for row in [HEADER, *rows]]
     return "\n".join(lines) + "\n"
 

@@ -53,7 +53,8 @@ class Drain:
     @property
     def unexplained_per_job(self) -> float:
         """Seconds per job neither in round trips nor computing: idle waits (or, on a busy
-        machine, waiting for a core)."""
+        machine, waiting for a core). Meaningful on one node only: with several, one node
+        computes while another waits for a reply."""
         return (self.seconds - self.round_trip_seconds - self.cpu_seconds) / self.jobs
 
     @property
