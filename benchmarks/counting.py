@@ -18,7 +18,7 @@ import inspect
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -165,7 +165,8 @@ def _command_name(method: str, args: tuple[Any, ...]) -> str:
 
 
 class _CountedCursor:
-    """One command per ``to_list`` (a whole result in one batch) or iteration."""
+    """One command per ``to_list`` (a whole result in one batch) or iteration, and per any
+    other awaited call (``next``, ...)."""
 
     def __init__(self, cursor: Any, counter: CommandCounter) -> None:
         self._cursor, self._counter = cursor, counter
@@ -178,11 +179,16 @@ class _CountedCursor:
         def chained(*args: Any, **kwargs: Any) -> Any:  # sort, limit, skip, ...
             result = attribute(*args, **kwargs)
             if inspect.isawaitable(result):
-                return result
+                return self._counted(name, result)
             self._cursor = result
             return self
 
         return chained
+
+    async def _counted(self, name: str, awaitable: Awaitable[Any]) -> Any:
+        self._counter.hit(name)
+        await self._counter.round_trip_async()
+        return await awaitable
 
     async def to_list(self, length: int | None = None) -> list[Any]:
         self._counter.hit("find")
