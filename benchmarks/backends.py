@@ -129,6 +129,9 @@ class FanOutBus:
         bus = self
 
         class NodeBroker(LocalEventBroker):
+            #: it does deliver the other nodes' events, which apsched-mongo's store relies on
+            carries_remote_events = True
+
             async def publish(self, event: Event) -> None:
                 for broker in list(bus.brokers):
                     with suppress(RuntimeError):  # that node has already shut down
@@ -143,6 +146,8 @@ class SharedLocalBroker(LocalEventBroker):
     """One LocalEventBroker for several schedulers in this process: started once by its
     owner, so each scheduler's ``start`` (and its exit) leaves it alone. (Used by the fault
     drills in tests/test_drills.py, imported from :mod:`benchmarks.run`.)"""
+
+    carries_remote_events = True  # every node hears every other node's events
 
     async def start_shared(self, exit_stack: AsyncExitStack, logger: Logger) -> None:
         await super().start(exit_stack, logger)
