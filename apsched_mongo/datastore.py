@@ -787,3 +787,27 @@ class MongoDBDataStore(BaseExternalDataStore):
                 [i for i in ids if i not in with_jobs],
                 {"next_fire_time": None, "acquired_by": None}, finished=True,
             )
+
+    async def discard_job(self, job_id: UUID) -> bool:
+        """Delete a queued job that no scheduler has claimed yet (an operator's "drop").
+
+        The delete is conditional on ``acquired_by`` being unset, so a job a scheduler
+        claimed meanwhile runs as usual and this returns False. When this call deleted it,
+        the job is released as ``cancelled``: its result is stored (if the job keeps
+        results) and ``JobReleased`` is published with an empty ``scheduler_id``, since no
+        scheduler held it.
+        """
+        queued = {"_id": job_id, "acquired_by": None}
+        document = await self._run("discard_job", lambda: self._jobs.find_one(queued))
+        if not document or not await self._delete_once("discard_job", self._jobs, queued):
+            return False
+        try:
+            job: Job | None = _codec.decode_job(document, self.serializer)
+        except DeserializationError:
+            job = None
+        now = self.local_clock()
+        result = (JobResult.from_job(job, JobOutcome.cancelled, finished_at=now) if job
+                  else _codec.result_for_document(document, JobOutcome.cancelled, now))
+        await self._store_results([result])
+        await self._event_broker.publish(self._released_event(document, result, "", job))
+        return True

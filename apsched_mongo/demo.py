@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1, help="schedulers sharing the database")
     parser.add_argument("--broker", choices=["mongodb", "local"], default="mongodb",
                         help="event broker: MongoDB (default) or local only")
+    parser.add_argument("--dashboard", nargs="?", type=int, const=8800, metavar="PORT",
+                        help="also serve the operator dashboard on 127.0.0.1:PORT (8800) and "
+                             "run until Ctrl-C instead of --seconds")
 
 
 def _make_broker(kind: str, client: Any, database: str) -> EventBroker | None:
@@ -104,8 +107,14 @@ async def _main(args: argparse.Namespace) -> None:
                                  conflict_policy=ConflictPolicy.replace)
         for scheduler in schedulers:
             await scheduler.start_in_background()
-        print(f"{args.nodes} scheduler(s) running for {args.seconds:g} s ...", flush=True)
-        await anyio.sleep(args.seconds)
+        if args.dashboard is not None:
+            from .dashboard.server import serve_beside_demo
+
+            print(f"{args.nodes} scheduler(s) running ...", flush=True)
+            await serve_beside_demo(make_client(), args.database, args.dashboard)
+        else:
+            print(f"{args.nodes} scheduler(s) running for {args.seconds:g} s ...", flush=True)
+            await anyio.sleep(args.seconds)
         for scheduler in schedulers:
             await scheduler.stop()
 
