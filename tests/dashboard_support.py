@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import attrs
 from apscheduler import ConflictPolicy, Job, Schedule, Task
 from apscheduler.triggers.interval import IntervalTrigger
@@ -162,9 +163,11 @@ class CountingClient:
         self._inner = inner
         self.log = CommandLog()
         self.down = False
+        self.refused = anyio.Event()  # set once a command failed for being down
 
     def check(self) -> None:
         if self.down:
+            self.refused.set()
             raise ServerSelectionTimeoutError(
                 "db.example:27017: [Errno 111] Connection refused (configured timeouts: "
                 "socketTimeoutMS: 20000.0ms, connectTimeoutMS: 20000.0ms), Timeout: 5.0s, "

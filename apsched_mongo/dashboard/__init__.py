@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"at start, or ${TOKEN_ENV})")
     parser.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
                         help="how often open pages refresh (default: 2)")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a page waits for MongoDB before saying it is "
+                             "unreachable (default: 5)")
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
@@ -63,6 +66,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
         raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
     if args.refresh < 0.5:
         raise ValueError(f"--refresh must be at least 0.5 seconds, not {args.refresh:g}")
+    if not 0.1 <= args.timeout <= 300:
+        raise ValueError(f"--timeout must be between 0.1 and 300 seconds, not {args.timeout:g}")
     token, printed = None, None
     if args.allow_actions:
         token = os.environ.get(TOKEN_ENV)
@@ -87,7 +92,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
         database=args.database, collection_prefix=args.collection_prefix,
         events_collection=args.events_collection, serializer=serializer,
         allow_actions=args.allow_actions, token=token, allowed_hosts=tuple(dict.fromkeys(hosts)),
-        refresh_seconds=args.refresh,
+        refresh_seconds=args.refresh, timeout=args.timeout,
         where=", ".join(hosts_of(args.uri)) or redact_uri(args.uri), uri=args.uri,
     )
     return settings, printed

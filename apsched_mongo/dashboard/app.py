@@ -92,6 +92,8 @@ class Dashboard:
         self.outcomes = OutcomeLog(ignore_nodes={""})
         self.store: MongoDBDataStore | None = None
         self.link_error: str | None = "connecting to the cluster's event broker"
+        #: set while linked to the cluster (replaced by a fresh event when the link is lost)
+        self.linked = anyio.Event()
         self.reachable = True
         self.sessions: dict[str, float] = {}  # session id -> expiry (monotonic)
         self._csrf_key = secrets.token_bytes(32)
@@ -123,15 +125,19 @@ class Dashboard:
                         logger.info("Listening to the cluster's events (%s mode)",
                                     broker.active_mode)
                     self.link_error = None
+                    self.linked.set()
                     pause = 1.0
                     await anyio.sleep_forever()
-            except (PyMongoError, ApschedMongoError, OSError) as exc:
-                message = self._describe(exc)
+            except* (PyMongoError, ApschedMongoError, OSError) as failures:
+                # (raised inside the broker's task group, so they come grouped)
+                message = self._describe(_first(failures))
                 if self.link_error != message:
                     logger.warning("Cannot listen to the cluster's events: %s", message)
                 self.link_error = message
             finally:
                 self.store = None
+                if self.linked.is_set():
+                    self.linked = anyio.Event()
             await anyio.sleep(pause)
             pause = min(pause * 2, 30.0)
 
@@ -178,6 +184,13 @@ class Dashboard:
     def token_matches(self, candidate: str) -> bool:
         token = self.settings.token
         return token is not None and hmac.compare_digest(candidate.encode(), token.encode())
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 # --- rendering ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import attrs
 from apscheduler import JobAcquired, JobOutcome, JobReleased
 
@@ -50,12 +51,22 @@ class OutcomeLog:
     _last_seen: dict[str, datetime] = attrs.field(init=False, factory=dict)
     #: the dashboard's own identity: its events are not a node's
     ignore_nodes: set[str] = attrs.field(factory=set)
+    _changed: anyio.Event | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.started_at = self.clock()
 
+    async def next_event(self) -> None:
+        """Wait until the next event is recorded."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
     def record(self, event: Any) -> None:
         """The subscription callback."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
         node = getattr(event, "scheduler_id", None)
         moment = min(event.timestamp, self.clock())
         if node and node not in self.ignore_nodes:
@@ -91,12 +102,14 @@ class OutcomeLog:
         ]
 
     def totals(self) -> dict[str, int]:
+        self._forget_old()
         totals: Counter[str] = Counter()
         for counts in self._per_minute.values():
             totals.update(counts)
         return {name: totals[name] for name in OUTCOMES}
 
     def by_node(self) -> dict[str, dict[str, int]]:
+        self._forget_old()
         result: dict[str, Counter[str]] = {}
         for nodes in self._per_node.values():
             for node, counts in nodes.items():
