@@ -482,7 +482,7 @@ def _uuid(value: str, name: str) -> UUID:
 
 
 class _SecurityHeaders:
-    """No framing, no sniffing, no referrer, nothing loaded from elsewhere."""
+    """No framing, no sniffing, no referrer to other sites, nothing loaded from elsewhere."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -495,7 +495,7 @@ class _SecurityHeaders:
                     (b"content-security-policy", _CSP.encode()),
                     (b"x-content-type-options", b"nosniff"),
                     (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer"),
+                    (b"referrer-policy", b"same-origin"),  # no-referrer would make Origin "null"
                     (b"cache-control", b"no-store"),
                 ]
                 message = {**message, "headers": headers}
