@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 import attrs
@@ -224,7 +224,7 @@ def _render(dashboard: Dashboard, request: Request, template: str, status: int =
         version=__version__,
         page_size=PAGE_SIZE,
         commands=COMMANDS_PER_VIEW,
-        new_request_id=lambda: str(UUID(bytes=secrets.token_bytes(16), version=4)),
+        new_request_id=lambda: str(uuid4()),
         **context,
     )
     return HTMLResponse(html, status_code=status)

@@ -19,6 +19,8 @@ from apscheduler import JobAcquired, JobOutcome, JobReleased
 
 WINDOW = timedelta(hours=1)
 BUCKET = timedelta(minutes=1)
+#: Where releases without a scheduler (``discard_job``) are counted
+NO_NODE = "(no scheduler: dropped)"
 #: Plot order (and colour order) of the outcomes
 OUTCOMES = tuple(outcome.name for outcome in JobOutcome)
 
@@ -76,7 +78,7 @@ class OutcomeLog:
             minute = _minute(moment)
             self._per_minute.setdefault(minute, Counter())[event.outcome.name] += 1
             by_node = self._per_node.setdefault(minute, {})
-            by_node.setdefault(node or "(none)", Counter())[event.outcome.name] += 1
+            by_node.setdefault(node or NO_NODE, Counter())[event.outcome.name] += 1
         self._forget_old()
 
     def _forget_old(self) -> None:

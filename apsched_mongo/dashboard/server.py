@@ -105,14 +105,18 @@ async def serve(dashboard: Dashboard, sock: socket.socket,
 
 
 async def serve_beside_demo(client: Any, database: str, port: int) -> None:
-    """The demo's hook: serve its in-memory cluster with actions on, until Ctrl-C."""
+    """The demo's hook: serve its cluster with actions on, until Ctrl-C (``client`` is the
+    dashboard's own, closed at the end)."""
     import os
 
+    from .._client import describe_hosts
+
+    hosts = describe_hosts(client)
+    where = "in-memory demo server" if hosts == "memory" else hosts
     token = os.environ.get(TOKEN_ENV)
     said = f"from ${TOKEN_ENV}" if token else "printed below"
     token = token or new_token()
-    settings = Settings(database=database, allow_actions=True, token=token,
-                        where="in-memory demo server")
+    settings = Settings(database=database, allow_actions=True, token=token, where=where)
     sock = listening_socket("127.0.0.1", port)
 
     def ready(url: str) -> None:
@@ -121,4 +125,7 @@ async def serve_beside_demo(client: Any, database: str, port: int) -> None:
         if not os.environ.get(TOKEN_ENV):
             print(f"Dashboard token: {token}", flush=True)
 
-    await serve(Dashboard(client, settings), sock, ready)
+    try:
+        await serve(Dashboard(client, settings), sock, ready)
+    finally:
+        await client.close()
