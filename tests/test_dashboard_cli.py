@@ -98,3 +98,21 @@ def test_serves_a_clear_page_while_the_server_is_unreachable(
     assert "Traceback" not in output
     assert all("s3cret-pw" not in text for text in (output, *pages))
     assert output.count("MongoDB unreachable") == 1, output
+
+
+def test_repeated_warnings_are_said_once() -> None:
+    """While the server is down the broker would log every failed poll; the dashboard's
+    log says each kind of warning once per quiet period."""
+    import logging
+
+    from apsched_mongo.dashboard.server import RepeatFilter
+
+    quiet = RepeatFilter(quiet_seconds=3600)
+
+    def record(level: int, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("apsched_mongo.dashboard", level, __file__, 1, msg, args, None)
+
+    assert quiet.filter(record(logging.WARNING, "%s: poll failed (%r)", "b", "e1"))
+    assert not quiet.filter(record(logging.WARNING, "%s: poll failed (%r)", "b", "e2"))
+    assert quiet.filter(record(logging.WARNING, "MongoDB unreachable: %s", "x"))
+    assert quiet.filter(record(logging.INFO, "%s: poll failed (%r)", "b", "e3"))  # not a warning
