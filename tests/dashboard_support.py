@@ -30,7 +30,8 @@ class KnownCluster:
       time) and ``stuck`` (due two hours ago, leased by node-3 whose lease has run out);
     * jobs queued in this order: L1 L2 L3 (limited), F1..F5 (free). node-1 runs L1 and L2
       (the task's two slots), node-2 runs F1 and F2 (L3 must wait for a slot), node-3 ran
-      F3 and crashed: its lease has run out. Queued: L3, F4, F5.
+      F3 and crashed: its lease has run out. Queued: L3, F4, F5. All jobs were created
+      within one millisecond.
     """
 
     jobs: dict[str, Job] = attrs.field(factory=dict)
@@ -67,9 +68,15 @@ async def build_known_cluster(backend: Backend, stack: AsyncExitStack) -> KnownC
     ):
         await first.add_schedule(schedule, ConflictPolicy.exception)
 
-    for name, task_id in [("L1", "limited"), ("L2", "limited"), ("L3", "limited"),
-                          *((f"F{n}", "free") for n in range(1, 6))]:
-        job = Job(task_id=task_id, executor="async", args=(name,))
+    # All created within one millisecond (what BSON dates hold), a microsecond apart: only
+    # the queue order tells them apart
+    created = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    for number, (name, task_id) in enumerate([
+        ("L1", "limited"), ("L2", "limited"), ("L3", "limited"),
+        *((f"F{n}", "free") for n in range(1, 6)),
+    ]):
+        job = Job(task_id=task_id, executor="async", args=(name,),
+                  created_at=created + timedelta(microseconds=number))
         cluster.jobs[name] = job
         await first.add_job(job)
 

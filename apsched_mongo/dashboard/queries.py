@@ -257,7 +257,8 @@ class ClusterReader:
                 {"$sort": dict(_JOB_ORDER)},
                 {"$limit": COUNT_CAP},
                 {"$group": {"_id": "$task_id", "count": {"$sum": 1},
-                            "oldest": {"$min": "$created_at"}}},
+                            "oldest": {"$first": "$created_at"},
+                            "order": {"$first": "$queue_order"}}},
                 {"$limit": OVERVIEW_ROWS * 10},
             ])
             tasks = await self._collection("tasks").find(
@@ -441,8 +442,9 @@ def _build_overview(
         expired_schedules += group["expired"]
 
     queued_by_task = {str(group["_id"]): group["count"] for group in queued_jobs}
-    oldest = min(((_utc(group.get("oldest")), str(group["_id"])) for group in queued_jobs
-                  if _utc(group.get("oldest")) is not None), default=(None, None))
+    # queue order, not created_at: the dates hold milliseconds, the order microseconds
+    first = min(queued_jobs, key=lambda group: group.get("order") or 0, default=None)
+    oldest = (None, None) if first is None else (_utc(first.get("oldest")), str(first["_id"]))
     task_rows = [
         TaskRow(id=str(task["_id"]), max_running_jobs=task.get("max_running_jobs"),
                 running=running_by_task.get(str(task["_id"]), 0),
