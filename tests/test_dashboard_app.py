@@ -388,6 +388,13 @@ async def test_run_now_queues_one_extra_job_once(open_dashboard: Open, node: Mon
     stored = (await node.get_schedules({"nightly"}))[0]
     assert stored.next_fire_time == schedule.next_fire_time
     await other_node.wait_for(JobAdded, job_id=job.id)
+    # the schedule's jobs, on the jobs page
+    await add_schedule(node, "other")
+    await add_job(node, "unrelated")
+    of_schedule = (await http.get("/jobs?schedule=nightly")).text
+    assert str(job.id)[:8] in of_schedule and "Queued (1)" in of_schedule
+    assert "No queued jobs of schedule" in (await http.get("/jobs?schedule=other")).text
+    assert "Queued (2)" in (await http.get("/jobs")).text
 
 
 async def test_remove(open_dashboard: Open, node: MongoDBDataStore, other_node: Heard) -> None:

@@ -159,7 +159,7 @@ def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -
 
     # Schedules and jobs pages render the demo's data
     browser.get(url + "schedules")
-    rows = {row.find_element(By.CSS_SELECTOR, "td").text: row
+    rows = {row.find_element(By.CSS_SELECTOR, "td code").text: row
             for row in browser.find_elements(By.CSS_SELECTOR, "table.schedules tbody tr")}
     assert sorted(rows) == ["cron", "slow", "tick"]
     assert "every 1 s" in rows["tick"].text

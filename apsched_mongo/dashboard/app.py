@@ -284,9 +284,10 @@ def _pages(dashboard: Dashboard) -> list[Route]:
         params = request.query_params
         state: Any = params.get("state", "queued")
         node, after = params.get("node") or None, params.get("after") or None
+        schedule = params.get("schedule") or None
         return await _read(dashboard, request, "jobs", lambda: dashboard.reader.jobs(
-            state, node=node, after=after,
-        ), state=state, node=node, after=after)
+            state, node=node, after=after, schedule=schedule,
+        ), state=state, node=node, after=after, schedule=schedule)
 
     async def outcomes(request: Request) -> Response:
         log = dashboard.outcomes

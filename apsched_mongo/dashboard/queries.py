@@ -328,16 +328,19 @@ class ClusterReader:
     # jobs
 
     async def jobs(self, state: JobState = "queued", node: str | None = None,
-                   after: str | None = None) -> Page[JobRow]:
-        """A page of queued or running jobs in queue order (running ones optionally of one
-        node); ``after`` is the ``cursor`` of the last row of the previous page."""
+                   after: str | None = None, schedule: str | None = None) -> Page[JobRow]:
+        """A page of queued or running jobs in queue order: running ones optionally of one
+        node, either optionally of one schedule (then the counts are that schedule's too);
+        ``after`` is the ``cursor`` of the last row of the previous page."""
         if state not in ("queued", "running"):
             raise BadRequest(f"state must be 'queued' or 'running', not {state!r}")
-        if node is not None and len(node) > 1024:
-            raise BadRequest("node: longer than 1024 characters")
-        query: dict[str, Any] = dict(_QUEUED if state == "queued" else _RUNNING)
+        for name, value in (("node", node), ("schedule", schedule)):
+            if value is not None and len(value) > 1024:
+                raise BadRequest(f"{name}: longer than 1024 characters")
+        scope: dict[str, Any] = {"schedule_id": schedule} if schedule else {}
+        query: dict[str, Any] = {**(_QUEUED if state == "queued" else _RUNNING), **scope}
         if state == "running" and node:
-            query = {"acquired_by": node}
+            query = {"acquired_by": node, **scope}
         if after:
             order, job_id = parse_job_cursor(after)
             query = {"$and": [query, {"$or": [
@@ -350,8 +353,8 @@ class ClusterReader:
             documents = await jobs.find(query, projection=_JOB_FIELDS, sort=_JOB_ORDER,
                                         limit=PAGE_SIZE + 1).to_list(None)
             counts = {
-                "queued": await jobs.count_documents(_QUEUED, limit=COUNT_CAP),
-                "running": await jobs.count_documents(_RUNNING, limit=COUNT_CAP),
+                "queued": await jobs.count_documents({**_QUEUED, **scope}, limit=COUNT_CAP),
+                "running": await jobs.count_documents({**_RUNNING, **scope}, limit=COUNT_CAP),
             }
         more = len(documents) > PAGE_SIZE
         rows = [self._job_row(document, now) for document in documents[:PAGE_SIZE]]
