@@ -116,3 +116,12 @@ def test_repeated_warnings_are_said_once() -> None:
     assert not quiet.filter(record(logging.WARNING, "%s: poll failed (%r)", "b", "e2"))
     assert quiet.filter(record(logging.WARNING, "MongoDB unreachable: %s", "x"))
     assert quiet.filter(record(logging.INFO, "%s: poll failed (%r)", "b", "e3"))  # not a warning
+
+
+def test_without_the_extra(monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The other sub-commands work without the extra; this one says what to install."""
+    monkeypatch.setitem(sys.modules, "starlette", None)  # makes "import starlette" fail
+    assert main(["dashboard", "--uri", "mongodb://h"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the dashboard needs its extra: pip install 'apsched-mongo[dashboard]'\n")
