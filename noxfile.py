@@ -1,6 +1,9 @@
-"""Developer sessions: ``nox -s tests lint typecheck docs``."""
+"""Developer sessions: ``nox -s tests lint typecheck docs sdist``."""
 
 from __future__ import annotations
+
+import tarfile
+from pathlib import Path
 
 import nox
 
@@ -33,3 +36,18 @@ def docs(session: nox.Session) -> None:
     session.run(
         "python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html"
     )
+
+
+@nox.session
+def sdist(session: nox.Session) -> None:
+    """Build the sdist, unpack it, install it and run its own test suite from there."""
+    session.install("build")
+    work = Path(session.create_tmp())
+    session.run("python", "-m", "build", "--sdist", "--outdir", str(work / "dist"))
+    [archive] = (work / "dist").glob("apsched_mongo-*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        sdist.extractall(work / "unpacked", filter="data")
+    [unpacked] = (work / "unpacked").iterdir()
+    session.install(f"{unpacked}[test]")
+    session.chdir(unpacked)
+    session.run("pytest", "-q", *session.posargs)

@@ -29,7 +29,8 @@ TASK_PLAIN = frozenset({"id", "max_running_jobs", "running_jobs"})
 SCHEDULE_PLAIN = frozenset({"id", "task_id", "paused", "acquired_by", "acquired_until"})
 SCHEDULE_PROGRESS = frozenset({"trigger", "last_fire_time", "next_fire_time"})
 JOB_PLAIN = frozenset({"id", "task_id", "schedule_id", "acquired_by", "acquired_until"})
-LEASE_FIELDS = {"acquired_by": "", "acquired_until": "", "lease": ""}
+#: Unset when a schedule is released (its ``lease`` then holds the releasing call's token)
+SCHEDULE_LEASE_FIELDS = {"acquired_by": "", "acquired_until": ""}
 
 
 def bson_date(value: datetime | None, *, round_up: bool = False) -> datetime | None:

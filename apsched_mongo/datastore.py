@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from functools import partial
 from logging import Logger
 from time import monotonic
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID, uuid4
 
+import anyio
 import attrs
-from anyio import create_task_group
 from apscheduler import (
     ConflictingIdError,
     ConflictPolicy,
     DeserializationError,
+    Event,
     Job,
     JobAcquired,
     JobAdded,
     JobOutcome,
     JobReleased,
+    JobRemoved,
     JobResult,
     Schedule,
     ScheduleAdded,
@@ -37,11 +42,13 @@ from apscheduler import (
 )
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.datastores.base import BaseExternalDataStore
-from pymongo import ASCENDING, DeleteOne, ReturnDocument, UpdateMany, UpdateOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from apscheduler.eventbrokers.base import BaseExternalEventBroker
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteConcernError
 
 from . import _codec
 from ._client import (
+    MAJORITY_TIMEOUT,
     accept_client_or_uri,
     create_client,
     database_of,
@@ -52,39 +59,65 @@ from ._client import (
 from ._clock import ServerClock, utc_now
 from ._indexes import IndexSpec, ensure_indexes
 from ._names import check_collection_prefix, check_database_name
+from ._queue_view import QueueView
 from ._retry import retrying
+from ._validators import positive, positive_or_zero
 from .errors import IncompatibleDataError
+
+if TYPE_CHECKING:
+    from pymongo import AsyncMongoClient
+
+    from .memory import MemoryMongoClient
 
 T = TypeVar("T")
 _DUPLICATE_KEY = 11000
 JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
 
-
-#: How long a task definition read while claiming its jobs answers ``get_task``. Task
-#: changes made through any store reach this one sooner, as TaskAdded/Updated/Removed events.
+#: How long a task definition read while claiming its jobs answers ``get_task``: APScheduler
+#: looks up the task of every job it claims, right after the claim.
 TASK_CACHE_SECONDS = 1.0
 
 #: The layout of our documents. A store refuses data written in a newer layout rather than
 #: misread it; a future layout change bumps this and migrates older data at start.
 FORMAT_VERSION = 1
 
+#: How long a node that took over abandoned jobs, or marked schedules for removal, has to
+#: finish before another node may take the work over from it (it crashed meanwhile).
+TAKEOVER_WINDOW = timedelta(seconds=60)
+#: How long the marker of an abandoned job outlives it (the owner's retry consults it)
+MARKER_LIFETIME = timedelta(hours=1)
+
+#: The head of the queue is read with this many jobs beyond what the caller can take, so
+#: that a short read proves the picture complete
+READ_MARGIN = 50
+
 _COLLECTION_ATTRIBUTES = {"schedules": "_schedules", "jobs": "_jobs", "job_results": "_results"}
+
+#: The store whose publish() call is delivering an event right now (its own events are
+#: applied to its queue view directly, with more detail than the event carries)
+_publishing: ContextVar[object] = ContextVar("apsched_mongo_publishing", default=None)
 
 
 def index_specs() -> dict[str, list[IndexSpec]]:
-    """The indexes the store needs, by collection name (without the prefix)."""
+    """The indexes the store needs, by collection name (without the prefix). The table in
+    docs/internals.rst says which query each one serves."""
     exists = {"$exists": True}
     return {
         "schedules": [
             IndexSpec("apsched_due", [("next_fire_time", ASCENDING)]),
-            IndexSpec("apsched_task", [("task_id", ASCENDING)]),
             IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
             IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
                       partial={"acquired_until": exists}),
+            IndexSpec("apsched_removal", [("removal", ASCENDING)],
+                      partial={"removal": exists}),
         ],
         "jobs": [
             IndexSpec("apsched_queue", [("acquired_by", ASCENDING), ("queue_order", ASCENDING),
                                         ("_id", ASCENDING)]),
+            IndexSpec("apsched_order", [("queue_order", ASCENDING), ("_id", ASCENDING)]),
+            IndexSpec("apsched_task_queue", [("acquired_by", ASCENDING),
+                                             ("task_id", ASCENDING),
+                                             ("queue_order", ASCENDING)]),
             IndexSpec("apsched_schedule", [("schedule_id", ASCENDING)]),
             IndexSpec("apsched_lease", [("lease", ASCENDING)], partial={"lease": exists}),
             IndexSpec("apsched_lease_expiry", [("acquired_until", ASCENDING)],
@@ -94,40 +127,68 @@ def index_specs() -> dict[str, list[IndexSpec]]:
                       unique=True, partial={"slot": exists}),
         ],
         "job_results": [
-            # TTL: the server deletes results once expires_at has passed
+            # TTL: the server deletes results (and release markers) once expires_at passed
             IndexSpec("apsched_expiry", [("expires_at", ASCENDING)], expire_after_seconds=0),
         ],
     }
+
+
+def carries_remote_events(broker: EventBroker) -> bool:
+    """Whether ``broker`` delivers other nodes' events, which the claim gate relies on:
+    every broker built on APScheduler's external-broker base does, and an in-process test
+    double can say so with a true ``carries_remote_events`` attribute."""
+    return isinstance(broker, BaseExternalEventBroker) or bool(
+        getattr(broker, "carries_remote_events", False)
+    )
+
+
+def _release_marker_id(job_id: UUID) -> str:
+    return f"released:{job_id}"
 
 
 @attrs.define(eq=False, repr=False)
 class MongoDBDataStore(BaseExternalDataStore):
     """Stores tasks, schedules, jobs and job results in MongoDB.
 
-    Claims are single-document conditional updates (never read-then-write), so any number
-    of schedulers can share one database on a standalone server, a replica set or a
-    sharded cluster, without multi-document transactions.
+    Every claim and release is a conditional write whose winner the server decides
+    (findAndModify, or updates and deletes filtered on a lease token), so any number of
+    schedulers can share one database on a standalone server, a replica set or a sharded
+    cluster, without multi-document transactions. Every write waits for a majority of the
+    replica set (``w: "majority"``), whatever the URI says, so no failover can roll back a
+    claim or a release.
 
     :param client_or_uri: a MongoDB URI, a :class:`pymongo.AsyncMongoClient` or a
         :class:`~apsched_mongo.memory.MemoryMongoClient`. Only clients created from a URI
         are closed by the store.
     :param database: database name
     :param collection_prefix: prefix of the collection names (``tasks``, ``schedules``,
-        ``jobs``, ``job_results``); the default keeps clear of APScheduler's built-in store
+        ``jobs``, ``job_results``, ``meta``); the default keeps clear of APScheduler's
+        built-in store
     :param clock_refresh_interval: seconds between re-measurements of the server's clock
-    :param local_clock: this node's clock (a testing aid for clock-skew drills)
+    :param claim_grace: seconds another node gets to claim the jobs it announced before
+        this one reads the queue for them (see docs/internals.rst, "Claims without a
+        herd"); 0 makes every node read at once
+    :param write_timeout: seconds a write may wait for a majority of the replica set
+        (``wtimeout``); a write that times out is retried like a lost reply
+    :param local_clock: this node's wall clock (a testing aid for clock-skew drills)
+    :param monotonic_clock: this node's monotonic clock, in seconds (a testing aid: moving
+        it moves this node's idea of the server's time)
     :param serializer: serializer for everything that is not queried (pickle by default)
     :param start_from_scratch: erase all stored data at start (for test suites)
     :param retry_settings: tenacity stop/wait for temporary failures
     """
 
-    client_or_uri: Any = attrs.field()
+    client_or_uri: str | AsyncMongoClient[Any] | MemoryMongoClient = attrs.field()
     database: str = attrs.field(default="apscheduler", kw_only=True, validator=check_database_name)
     collection_prefix: str = attrs.field(
         default="apsched_", kw_only=True, validator=check_collection_prefix
     )
-    clock_refresh_interval: float = attrs.field(default=60.0, kw_only=True)
+    clock_refresh_interval: float = attrs.field(default=60.0, kw_only=True, validator=positive)
+    claim_grace: float = attrs.field(default=0.05, kw_only=True, validator=positive_or_zero)
+    write_timeout: float = attrs.field(default=MAJORITY_TIMEOUT, kw_only=True,
+                                       validator=positive)
     local_clock: Callable[[], datetime] = attrs.field(default=utc_now, kw_only=True)
+    monotonic_clock: Callable[[], float] = attrs.field(default=time.monotonic, kw_only=True)
 
     _uri: str | None = attrs.field(init=False, default=None)
     _client: Any = attrs.field(init=False, default=None)
@@ -137,14 +198,23 @@ class MongoDBDataStore(BaseExternalDataStore):
     _jobs: Any = attrs.field(init=False)
     _results: Any = attrs.field(init=False)
     _meta: Any = attrs.field(init=False)
-    #: task id -> (monotonic time, task document) for unlimited tasks, from acquire_jobs
-    _task_cache: dict[str, tuple[float, dict[str, Any]]] = attrs.field(
+    _view: QueueView = attrs.field(init=False)
+    _acquiring: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
+    #: job id -> the lease token this store claimed it with
+    _leases: dict[UUID, str] = attrs.field(init=False, factory=dict)
+    #: task id -> (monotonic time read, task document), forgotten on TaskUpdated/Removed
+    _task_documents: dict[str, tuple[float, dict[str, Any]]] = attrs.field(
         init=False, factory=dict
     )
+    #: task id -> answers to ``get_task`` that claims made here granted: (monotonic time
+    #: of the claim, running jobs seen at the claim) for each job claimed
+    _task_grants: dict[str, list[tuple[float, int]]] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._uri, self._client = accept_client_or_uri(self.client_or_uri)
-        self._clock = ServerClock(self.local_clock, self.clock_refresh_interval)
+        self._clock = ServerClock(self.local_clock, self.clock_refresh_interval,
+                                  self.monotonic_clock)
+        self._view = QueueView(self.monotonic_clock, self.claim_grace, trusted=False)
         if self._client is not None:
             self._bind(self._client)
 
@@ -153,7 +223,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         return f"{type(self).__name__}({where!r}, database={self.database!r})"
 
     def _bind(self, client: Any) -> None:
-        database = database_of(client, self.database)
+        database = database_of(client, self.database, self.write_timeout)
         prefix = self.collection_prefix
         self._tasks = database.get_collection(prefix + "tasks")
         self._schedules = database.get_collection(prefix + "schedules")
@@ -170,21 +240,49 @@ class MongoDBDataStore(BaseExternalDataStore):
                 return await operation()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _run_idempotent_insert(self, what: str, collection: Any, document: Any) -> None:
-        """Insert; a duplicate key on a *retry* means our earlier attempt landed."""
-        first = True
+    async def _run_with_retry_flag(
+        self, what: str, operation: Callable[[bool], Awaitable[T]]
+    ) -> T:
+        """Like :meth:`_run`, telling ``operation`` whether an earlier attempt may have
+        reached the server (so it must find out what that attempt did)."""
+        attempts = 0
 
-        async def insert() -> None:
-            nonlocal first
+        async def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return await operation(attempts > 1)
+
+        return await self._run(what, attempt)
+
+    async def _insert_once(self, what: str, collection: Any, document: dict[str, Any], *,
+                           seen: Callable[[], bool] = lambda: False) -> bool:
+        """Insert ``document`` (it gets a fresh ``insert_token``); True if this call
+        inserted it, False if a document with its ``_id`` existed already.
+
+        After a failed attempt that may have reached the server, the next one first looks
+        for the document: it is ours if it carries our token (the server's state decides,
+        not the attempt count). If it is absent, our earlier attempt either never landed or
+        landed and was already consumed (a job claimed, run and released by another node
+        meanwhile); ``seen`` tells the latter from what this node has heard, and only
+        otherwise is the document inserted again.
+        """
+        token = document["insert_token"] = uuid4().hex
+
+        async def insert(retrying: bool) -> bool:
+            if retrying:
+                existing = await collection.find_one({"_id": document["_id"]},
+                                                     projection={"insert_token": True})
+                if existing is not None:
+                    return bool(existing.get("insert_token") == token)
+                if seen():
+                    return True
             try:
                 await collection.insert_one(document)
             except DuplicateKeyError:
-                if first:
-                    raise
-            finally:
-                first = False
+                return False
+            return True
 
-        await self._run(what, insert)
+        return await self._run_with_retry_flag(what, insert)
 
     async def _find(self, what: str, collection: Any, *args: Any, **kwargs: Any) -> list[Any]:
         async def find() -> list[Any]:
@@ -192,6 +290,16 @@ class MongoDBDataStore(BaseExternalDataStore):
             return documents
 
         return await self._run(what, find)
+
+    async def _aggregate(self, what: str, collection: Any,
+                         pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async def aggregate() -> list[dict[str, Any]]:
+            documents: list[dict[str, Any]] = await (
+                await collection.aggregate(pipeline)
+            ).to_list(None)
+            return documents
+
+        return await self._run(what, aggregate)
 
     async def _server_now(self) -> datetime:
         return await self._run("clock", lambda: self._clock.now(self._client.admin))
@@ -210,9 +318,16 @@ class MongoDBDataStore(BaseExternalDataStore):
                 self._logger.warning("Skipping %s", exc)
         return decoded
 
-    async def _publish_all(self, events: Iterable[Any]) -> None:
-        for event in events:
+    async def _publish(self, event: Event) -> None:
+        token = _publishing.set(self)
+        try:
             await self._event_broker.publish(event)
+        finally:
+            _publishing.reset(token)
+
+    async def _publish_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            await self._publish(event)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -220,18 +335,23 @@ class MongoDBDataStore(BaseExternalDataStore):
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
     ) -> None:
         await super().start(exit_stack, event_broker, logger)
-        self._task_cache.clear()
+        self._task_documents.clear()
+        self._task_grants.clear()
+        self._leases.clear()
+        self._view = QueueView(self.monotonic_clock, self.claim_grace,
+                               trusted=carries_remote_events(event_broker))
         exit_stack.enter_context(event_broker.subscribe(
-            self._forget_task, {TaskAdded, TaskUpdated, TaskRemoved}
+            self._hear, {JobAdded, JobAcquired, JobReleased, JobRemoved, TaskAdded,
+                         TaskUpdated, TaskRemoved}
         ))
         if self._uri is not None:
             self._client = create_client(self._uri)
             exit_stack.push_async_callback(self._client.close)
             self._bind(self._client)
 
-        sent_at, started = self.local_clock(), monotonic()
+        started = self.monotonic_clock()
         hello = await ping(self._client, self._uri)
-        self._clock.observe(hello, sent_at, monotonic() - started)
+        self._clock.observe(hello, self.monotonic_clock() - started)
         if hello.get("maxWireVersion", 0) < 13:
             raise RuntimeError("apsched-mongo needs MongoDB 5.0 or newer")
 
@@ -261,73 +381,132 @@ class MongoDBDataStore(BaseExternalDataStore):
         for name, specs in index_specs().items():
             await ensure_indexes(getattr(self, _COLLECTION_ATTRIBUTES[name]), specs)
 
+    # --- what other nodes did ---------------------------------------------------------------
+
+    def _hear(self, event: Event) -> None:
+        """Keep the queue view and the task cache in step with other nodes' events."""
+        if _publishing.get() is self:
+            return  # our own: applied where it happened
+        if isinstance(event, JobAcquired | JobReleased | JobRemoved):
+            self._task_grants.pop(event.task_id, None)  # its running count changed
+        if isinstance(event, JobAdded):
+            self._view.job_added(event.job_id, event.task_id,
+                                 _codec.queue_order(self.local_clock()), local=False)
+        elif isinstance(event, JobAcquired):
+            self._view.job_acquired(event.job_id, event.task_id, event.scheduler_id)
+        elif isinstance(event, JobReleased):
+            self._view.job_released(event.job_id, event.task_id, event.scheduler_id,
+                                    local=False)
+        elif isinstance(event, JobRemoved):
+            self._view.job_released(event.job_id, event.task_id, None, local=False)
+        elif isinstance(event, TaskAdded | TaskUpdated | TaskRemoved):
+            self._forget_task(event.task_id)
+            self._view.task_changed(event.task_id, local=False)
+
+    def _forget_task(self, task_id: str) -> None:
+        self._task_documents.pop(task_id, None)
+        self._task_grants.pop(task_id, None)
+
     # --- tasks ------------------------------------------------------------------------------
 
     async def add_task(self, task: Task) -> None:
         document = _codec.encode_task(task, self.serializer)
         task_id = document.pop("_id")
+        token = uuid4().hex
         previous = await self._run("add_task", lambda: self._tasks.find_one_and_update(
-            {"_id": task_id}, {"$set": document}, upsert=True, projection={"_id": True},
+            {"_id": task_id},
+            {"$set": document, "$setOnInsert": {"insert_token": token}},
+            upsert=True, projection={"insert_token": True},
         ))
-        if previous:
-            await self._event_broker.publish(TaskUpdated(task_id=task.id))
+        self._forget_task(task_id)
+        self._view.task_changed(task_id, local=True)
+        # A retry after a lost reply finds our own upsert: the token tells
+        if previous is None or previous.get("insert_token") == token:
+            await self._publish(TaskAdded(task_id=task.id))
         else:
-            await self._event_broker.publish(TaskAdded(task_id=task.id))
+            await self._publish(TaskUpdated(task_id=task.id))
 
     async def remove_task(self, task_id: str) -> None:
-        removed = await self._run("remove_task", lambda: self._tasks.find_one_and_delete(
-            {"_id": task_id}, projection={"_id": True}
-        ))
-        if not removed:
+        async def remove(retrying: bool) -> bool:
+            removed = await self._tasks.find_one_and_delete(
+                {"_id": task_id}, projection={"_id": True}
+            )
+            # After a lost reply the task is gone either way: by our earlier attempt, or
+            # (rarely) by another node's removal racing ours, which then publishes too
+            return bool(removed) or retrying
+
+        if not await self._run_with_retry_flag("remove_task", remove):
             raise TaskLookupError(task_id)
-        await self._event_broker.publish(TaskRemoved(task_id=task_id))
+        self._forget_task(task_id)
+        self._view.task_changed(task_id, local=True)
+        await self._publish(TaskRemoved(task_id=task_id))
+
+    def _running_lookup(self) -> dict[str, Any]:
+        """``$lookup`` of the running (claimed) jobs of each task: ``_id`` and ``slot``."""
+        return {"$lookup": {"from": self._jobs.name, "localField": "_id",
+                            "foreignField": "task_id",
+                            "pipeline": [{"$match": {"acquired_by": {"$ne": None}}},
+                                         {"$project": {"slot": True}}],
+                            "as": "running"}}
 
     async def _find_tasks(self, match: dict[str, Any]) -> list[Task]:
-        """Tasks sorted by id. ``running_jobs`` counts the ``max_running_jobs`` slots in use:
-        that is this store's task accounting. A task without a limit holds no slots and
-        reports 0, so the scheduler's per-job ``get_task`` costs one query, not a count of
-        the queue."""
-        documents = await self._find("get tasks", self._tasks, match, sort=[("_id", ASCENDING)])
-        used = await self._slots_in_use(
-            [doc["_id"] for doc in documents if doc.get("max_running_jobs") is not None]
-        )
-        return [_codec.decode_task(doc, self.serializer, len(used.get(doc["_id"], ())))
-                for doc in documents]
-
-    def _remember_tasks(self, documents: list[dict[str, Any]]) -> None:
-        """Keep the task documents joined to the jobs being claimed: APScheduler asks for
-        each claimed job's task right away, one round trip per job otherwise. Only tasks
-        without ``max_running_jobs``: their ``running_jobs`` is always 0, so nothing in a
-        cached copy can go stale but the definition itself."""
-        now = monotonic()
+        """Tasks sorted by id, with ``running_jobs`` counted: one round trip."""
+        documents = await self._aggregate("get tasks", self._tasks, [
+            {"$match": match}, {"$sort": {"_id": 1}}, self._running_lookup(),
+        ])
+        tasks = []
         for document in documents:
-            if document.get("task") and document["task"][0].get("max_running_jobs") is None:
-                task = document["task"][0]
-                self._task_cache[task["_id"]] = (now, task)
+            running = len(document.pop("running"))
+            self._learn_task(document)
+            tasks.append(_codec.decode_task(document, self.serializer, running))
+        return tasks
 
-    def _forget_task(self, event: Any) -> None:
-        self._task_cache.pop(event.task_id, None)
+    def _learn_task(self, document: dict[str, Any]) -> None:
+        self._task_documents[document["_id"]] = (monotonic(), document)
+        self._view.learn_limit(document["_id"], document.get("max_running_jobs"))
 
     async def get_task(self, task_id: str) -> Task:
-        if (cached := self._task_cache.get(task_id)) and (
-            monotonic() - cached[0] < TASK_CACHE_SECONDS
-        ):
-            return _codec.decode_task(cached[1], self.serializer, 0)
+        """One round trip, or none when this store knows the answer exactly: while it holds
+        the only slot of a task limited to one running job, ``running_jobs`` is 1; and the
+        lookup APScheduler makes for each job it has just claimed is answered by the claim
+        (with the running jobs seen then), until anything changes that count or
+        :data:`TASK_CACHE_SECONDS` pass (APScheduler asks at once). The definition
+        comes from this store's last read of it, kept until another node's TaskUpdated or
+        TaskRemoved (or, with a broker that carries no other nodes' events, for
+        :data:`TASK_CACHE_SECONDS`)."""
+        now = monotonic()
+        if known := self._task_documents.get(task_id):
+            read_at, document = known
+            if self._view.trusted or now - read_at < TASK_CACHE_SECONDS:
+                if document.get("max_running_jobs") == 1 and self._holds_a_job_of(task_id):
+                    return _codec.decode_task(document, self.serializer, 1)
+                grants = [grant for grant in self._task_grants.get(task_id, ())
+                          if now - grant[0] < TASK_CACHE_SECONDS]
+                if grants:
+                    self._task_grants[task_id] = grants[1:]
+                    return _codec.decode_task(document, self.serializer, grants[0][1])
         tasks = await self._find_tasks({"_id": task_id})
         if not tasks:
             raise TaskLookupError(task_id)
         return tasks[0]
+
+    def _holds_a_job_of(self, task_id: str) -> bool:
+        return any(until == math.inf for until in self._view.running.get(task_id, {}).values())
 
     async def get_tasks(self) -> list[Task]:
         return await self._find_tasks({})
 
     # --- schedules --------------------------------------------------------------------------
 
+    _LIVE_SCHEDULE = {"removal": {"$exists": False}}
+
     def _decode_schedules(self, documents: Iterable[dict[str, Any]]) -> list[Schedule]:
         return self._decode_each(documents, _codec.decode_schedule)
 
     async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
-        query = {} if ids is None else {"_id": {"$in": list(ids)}}
+        query: dict[str, Any] = dict(self._LIVE_SCHEDULE)
+        if ids is not None:
+            query["_id"] = {"$in": list(ids)}
         documents = await self._find("get_schedules", self._schedules, query,
                                      sort=[("_id", ASCENDING)])
         return self._decode_schedules(documents)
@@ -336,46 +515,69 @@ class MongoDBDataStore(BaseExternalDataStore):
         document = _codec.encode_schedule(schedule, self.serializer)
         event: ScheduleAdded | ScheduleUpdated
         if conflict_policy is ConflictPolicy.replace:
-            previous = await self._run("add_schedule", lambda: self._schedules.find_one_and_replace(
-                {"_id": schedule.id}, document, upsert=True, projection={"_id": True}
+            # An update, not a replacement: $setOnInsert leaves the token of whoever first
+            # inserted the schedule, so even a retry after a lost reply tells an insert from
+            # a replacement. Leases and removal marks are dropped, as a replacement would.
+            token = uuid4().hex
+            fields = {key: value for key, value in document.items() if key != "_id"}
+            previous = await self._run("add_schedule", lambda: self._schedules.find_one_and_update(
+                {"_id": schedule.id},
+                {"$set": fields, "$setOnInsert": {"insert_token": token},
+                 "$unset": {"acquired_by": "", "acquired_until": "", "lease": "",
+                            "removal": "", "removal_at": ""}},
+                upsert=True, projection={"insert_token": True},
             ))
-            event_class = ScheduleUpdated if previous else ScheduleAdded
+            ours = previous is None or previous.get("insert_token") == token
+            event_class = ScheduleAdded if ours else ScheduleUpdated
             event = event_class(schedule_id=schedule.id, task_id=schedule.task_id,
                                 next_fire_time=schedule.next_fire_time)
         else:
-            try:
-                await self._run_idempotent_insert("add_schedule", self._schedules, document)
-            except DuplicateKeyError:
+            if not await self._insert_once("add_schedule", self._schedules, document):
                 if conflict_policy is ConflictPolicy.exception:
-                    raise ConflictingIdError(schedule.id) from None  # type: ignore[no-untyped-call]
+                    raise ConflictingIdError(schedule.id)  # type: ignore[no-untyped-call]
                 return
             event = ScheduleAdded(schedule_id=schedule.id, task_id=schedule.task_id,
                                   next_fire_time=schedule.next_fire_time)
-        await self._event_broker.publish(event)
+        await self._publish(event)
 
     async def remove_schedules(self, ids: Iterable[str]) -> None:
-        await self._remove_schedules(ids, {}, finished=False)
+        ids = list(dict.fromkeys(ids))
+        if ids:
+            await self._remove_schedules({"_id": {"$in": ids}}, order=ids, finished=False)
 
     async def _remove_schedules(
-        self, ids: Iterable[str], condition: dict[str, Any], *, finished: bool
+        self, selector: dict[str, Any], *, order: list[str] | None, finished: bool,
+        take_over: bool = False,
     ) -> None:
-        removed: list[dict[str, Any]] = []
+        """Remove the schedules matching ``selector`` in three round trips, whatever their
+        number, publishing ``ScheduleRemoved`` once per schedule actually removed:
 
-        async def remove(schedule_id: str) -> None:
-            # One document at a time, so exactly one remover publishes each removal
-            query = {"_id": schedule_id, **condition}
-            document = await self._run("remove_schedules", lambda: self._schedules.find_one(
-                query, projection={"task_id": True}
-            ))
-            if document and await self._delete_once("remove_schedules", self._schedules, query):
-                removed.append(document)
+        1. mark them with a token of this call (a schedule already marked by another
+           remover is left to it, unless ``take_over``: its remover crashed);
+        2. read what carries the token: exactly the schedules this call removes;
+        3. delete them.
 
-        async with create_task_group() as tg:
-            for schedule_id in set(ids):
-                tg.start_soon(remove, schedule_id)
+        A marked schedule is invisible to every read and claim, so the removal takes
+        effect at step 1; a retry of any step repeats it harmlessly.
+        """
+        token = uuid4().hex
+        now = await self._server_now()
+        mark = dict(selector) if take_over else {**selector, **self._LIVE_SCHEDULE}
+        await self._run("remove_schedules", lambda: self._schedules.update_many(
+            mark, {"$set": {"removal": token, "removal_at": now}}
+        ))
+        removed = await self._find("remove_schedules", self._schedules, {"removal": token},
+                                   projection={"task_id": True})
+        if not removed:
+            return
+        await self._run("remove_schedules", lambda: self._schedules.delete_many(
+            {"removal": token}
+        ))
+        by_id = {document["_id"]: document for document in removed}
+        ids = [i for i in order if i in by_id] if order else sorted(by_id)
         await self._publish_all(
-            ScheduleRemoved(schedule_id=doc["_id"], task_id=doc["task_id"], finished=finished)
-            for doc in removed
+            ScheduleRemoved(schedule_id=i, task_id=by_id[i]["task_id"], finished=finished)
+            for i in ids
         )
 
     async def acquire_schedules(
@@ -385,6 +587,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         claimable = {
             "next_fire_time": {"$ne": None, "$lte": _codec.bson_date(self.local_clock())},
             "paused": {"$ne": True},
+            **self._LIVE_SCHEDULE,
             "$or": [
                 {"acquired_until": None},
                 {"acquired_until": {"$lt": server_now}},
@@ -406,9 +609,12 @@ class MongoDBDataStore(BaseExternalDataStore):
                        "progress": doc.get("progress"), **claimable}, {"$set": claim})
             for doc in candidates
         ]
-        result = await self._run("acquire_schedules",
-                                 lambda: self._schedules.bulk_write(requests, ordered=False))
-        if result.modified_count == len(candidates):
+
+        async def claim_all(retrying: bool) -> int:
+            result = await self._schedules.bulk_write(requests, ordered=False)
+            return -1 if retrying else int(result.modified_count)
+
+        if await self._run_with_retry_flag("acquire_schedules", claim_all) == len(candidates):
             documents = [{**doc, **claim} for doc in candidates]
         else:
             documents = await self._find("acquire_schedules", self._schedules, {"lease": lease},
@@ -418,8 +624,11 @@ class MongoDBDataStore(BaseExternalDataStore):
     async def release_schedules(
         self, scheduler_id: str, results: Sequence[ScheduleResult]
     ) -> None:
-        requests: list[UpdateOne | DeleteOne] = []
-        events: list[ScheduleUpdated | ScheduleRemoved] = []
+        """Write each schedule's progress and end our lease, only where we still hold it;
+        events are published for exactly the schedules released."""
+        token = uuid4().hex
+        requests: list[UpdateOne] = []
+        events: dict[str, ScheduleUpdated | ScheduleRemoved] = {}
         for result in results:
             owned = {"_id": result.schedule_id, "acquired_by": scheduler_id}
             try:
@@ -432,26 +641,36 @@ class MongoDBDataStore(BaseExternalDataStore):
                     "Cannot serialize the trigger of schedule %r: removing the schedule",
                     result.schedule_id,
                 )
-                requests.append(DeleteOne(owned))
-                events.append(ScheduleRemoved(schedule_id=result.schedule_id,
-                                              task_id=result.task_id, finished=True))
+                await self._remove_schedules(owned, order=None, finished=True)
                 continue
-            requests.append(UpdateOne(owned, {"$set": progress,
-                                              "$unset": _codec.LEASE_FIELDS}))
-            events.append(ScheduleUpdated(schedule_id=result.schedule_id,
-                                          task_id=result.task_id,
-                                          next_fire_time=result.next_fire_time))
-        if requests:
-            await self._run("release_schedules",
-                            lambda: self._schedules.bulk_write(requests, ordered=False))
-        await self._publish_all(events)
+            requests.append(UpdateOne(owned, {"$set": {**progress, "lease": token},
+                                              "$unset": _codec.SCHEDULE_LEASE_FIELDS}))
+            events[result.schedule_id] = ScheduleUpdated(
+                schedule_id=result.schedule_id, task_id=result.task_id,
+                next_fire_time=result.next_fire_time)
+        if not requests:
+            return
+
+        async def release(retrying: bool) -> int:
+            result = await self._schedules.bulk_write(requests, ordered=False)
+            return -1 if retrying else int(result.matched_count)
+
+        if await self._run_with_retry_flag("release_schedules", release) != len(requests):
+            # Some were removed or taken over meanwhile: publish only for what we released
+            mine = await self._find("release_schedules", self._schedules,
+                                    {"_id": {"$in": list(events)}, "lease": token},
+                                    projection={"_id": True})
+            released = {document["_id"] for document in mine}
+            events = {i: event for i, event in events.items() if i in released}
+        await self._publish_all(events.values())
 
     async def get_next_schedule_run_time(self) -> datetime | None:
         """The earliest time a schedule can be processed here: its next fire time, or, for a
         schedule leased by another scheduler, when that lease runs out (so a scheduler
         neither spins on schedules it cannot take nor sleeps past a crashed peer's lease)."""
         server_now = await self._server_now()
-        active = {"next_fire_time": {"$ne": None}, "paused": {"$ne": True}}
+        active = {"next_fire_time": {"$ne": None}, "paused": {"$ne": True},
+                  **self._LIVE_SCHEDULE}
         free = await self._run("get_next_schedule_run_time", lambda: self._schedules.find_one(
             {**active, "$or": [{"acquired_until": None}, {"acquired_until": {"$lt": server_now}}]},
             projection={"progress": True, "next_fire_time": True},
@@ -484,158 +703,206 @@ class MongoDBDataStore(BaseExternalDataStore):
 
     async def add_job(self, job: Job) -> None:
         document = _codec.encode_job(job, self.serializer)
-        await self._run_idempotent_insert("add_job", self._jobs, document)
-        await self._event_broker.publish(
+        if not await self._insert_once("add_job", self._jobs, document,
+                                       seen=lambda: self._view.has_seen(job.id)):
+            raise ConflictingIdError(str(job.id))  # type: ignore[no-untyped-call]
+        self._view.job_added(job.id, job.task_id, document["queue_order"], local=True)
+        await self._publish(
             JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
         )
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         query = {} if ids is None else {"_id": {"$in": list(ids)}}
-        documents = await self._find("get_jobs", self._jobs, query,
-                                     sort=JOB_ORDER)
+        documents = await self._find("get_jobs", self._jobs, query, sort=JOB_ORDER)
         return self._decode_each(documents, _codec.decode_job)
-
-    async def _queue_head(self, query: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-        """Unclaimed jobs in queue order, each with its task document (``task``, a list of
-        at most one) and ``max_running_jobs`` joined in: one round trip for all."""
-        pipeline: list[dict[str, Any]] = [{"$match": query}, {"$sort": dict(JOB_ORDER)}]
-        if limit:
-            pipeline.append({"$limit": limit})
-        pipeline += [
-            {"$lookup": {"from": self._tasks.name, "localField": "task_id",
-                         "foreignField": "_id", "as": "task"}},
-            {"$set": {"max_running_jobs": {"$arrayElemAt": ["$task.max_running_jobs", 0]}}},
-        ]
-
-        async def head() -> list[dict[str, Any]]:
-            documents: list[dict[str, Any]] = await (
-                await self._jobs.aggregate(pipeline)
-            ).to_list(None)
-            return documents
-
-        return await self._run("acquire_jobs", head)
-
-    async def _slots_in_use(self, task_ids: Iterable[str]) -> dict[str, set[int]]:
-        """The ``max_running_jobs`` slots held by running jobs, by task."""
-        task_ids = sorted(task_ids)
-        if not task_ids:
-            return {}
-        holders = await self._find("slots in use", self._jobs,
-                                   {"task_id": {"$in": task_ids}, "slot": {"$exists": True}},
-                                   projection={"task_id": True, "slot": True})
-        used: dict[str, set[int]] = {}
-        for doc in holders:
-            used.setdefault(doc["task_id"], set()).add(doc["slot"])
-        return used
-
-    async def _free_slots(self, limits: dict[str, int]) -> dict[str, list[int]]:
-        """Free slot numbers of the tasks in ``limits`` (task id -> ``max_running_jobs``)."""
-        used = await self._slots_in_use(limits)
-        return {task_id: [slot for slot in range(limit) if slot not in used.get(task_id, ())]
-                for task_id, limit in limits.items()}
-
-    @staticmethod
-    def _limits(documents: list[dict[str, Any]]) -> dict[str, int]:
-        return {doc["task_id"]: doc["max_running_jobs"] for doc in documents
-                if doc.get("max_running_jobs") is not None}
-
-    async def _claimable_jobs(
-        self, limit: int | None
-    ) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
-        """Unclaimed jobs in queue order, up to ``limit`` that can start now, with the free
-        slots of their limited tasks. Idle schedulers pay one query; a second one looks past
-        jobs of tasks that are at their ``max_running_jobs``."""
-        query: dict[str, Any] = {"acquired_by": None}
-        candidates = await self._queue_head(query, limit or 0)
-        if not candidates:
-            return [], {}
-        free_slots = await self._free_slots(self._limits(candidates))
-        room = {task_id: len(slots) for task_id, slots in free_slots.items()}
-        startable = []
-        for doc in candidates:
-            if doc["task_id"] in room:
-                if not room[doc["task_id"]]:
-                    continue
-                room[doc["task_id"]] -= 1
-            startable.append(doc)
-        saturated = [task_id for task_id, left in room.items() if not left]
-        if limit and len(startable) < limit == len(candidates) and saturated:
-            more = await self._queue_head(
-                {**query, "task_id": {"$nin": saturated},
-                 "_id": {"$nin": [doc["_id"] for doc in candidates]}},
-                limit - len(startable),
-            )
-            new_limits = {task_id: most for task_id, most in self._limits(more).items()
-                          if task_id not in free_slots}
-            free_slots.update(await self._free_slots(new_limits))
-            startable += more
-        return startable, free_slots
 
     async def acquire_jobs(
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
     ) -> list[Job]:
-        server_now = await self._server_now()
-        candidates, free_slots = await self._claimable_jobs(limit)
-        if not candidates:
-            return []
+        """Claim up to ``limit`` jobs. When the queue view says nothing can be claimed, no
+        round trip is made; when the only claimable jobs were announced by another node, it
+        first gets :attr:`claim_grace` to claim them (see :mod:`._queue_view`)."""
+        self._view.lease_seconds = lease_duration.total_seconds()
+        room = limit if limit is not None else 10**9
+        async with self._acquiring:
+            while True:
+                plan = self._view.plan(scheduler_id, room)
+                if plan.action == "skip":
+                    return []
+                if plan.action == "wait":
+                    with anyio.move_on_after(plan.delay):
+                        await self._view.changed.wait()
+                    continue
+                server_now = await self._server_now()
+                lease = uuid4().hex
+                claim = {"acquired_by": scheduler_id,
+                         "acquired_until": server_now + lease_duration, "lease": lease}
+                if plan.action == "claim":
+                    claimed = await self._claim_by_id(plan.jobs, claim)
+                    if claimed is None:
+                        continue  # the picture was stale: plan again
+                else:
+                    claimed = await self._read_and_claim(limit, claim)
+                return await self._start_claimed(scheduler_id, claimed)
 
-        # Claim every candidate in one bulk write. Each update is conditional on the job
-        # being unclaimed; a job of a limited task also takes a free slot, and the unique
-        # (task_id, slot) index turns a lost race for that slot into a duplicate-key error.
-        lease = uuid4().hex
-        claim = {"acquired_by": scheduler_id,
-                 "acquired_until": server_now + lease_duration, "lease": lease}
-        attempted: list[dict[str, Any]] = []
-        unlimited_ids: list[UUID] = []
-        requests: list[UpdateOne | UpdateMany] = []
-        for document in candidates:
-            slots = free_slots.get(document["task_id"])
-            if slots is None:
-                unlimited_ids.append(document["_id"])
-            elif slots:
-                requests.append(UpdateOne({"_id": document["_id"], "acquired_by": None},
-                                          {"$set": {**claim, "slot": slots.pop(0)}}))
-            else:
-                continue  # this task has no free slot left in this batch
-            attempted.append(document)
-        if unlimited_ids:
-            requests.append(UpdateMany({"_id": {"$in": unlimited_ids}, "acquired_by": None},
-                                       {"$set": claim}))
-        if not requests:
-            return []
-        self._remember_tasks(attempted)
+    async def _claim_by_id(self, jobs: Sequence[tuple[UUID, str, int | None]],
+                           claim: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Claim jobs the queue view knows, without reading the queue first: one
+        findAndModify for one job (a retryable write), otherwise one bulk of per-document
+        updates and one read of what the lease token won. None if nothing was won."""
+        requests = [(job_id, task_id, claim if slot is None else {**claim, "slot": slot})
+                    for job_id, task_id, slot in jobs]
+        if len(requests) == 1:
+            [(job_id, task_id, fields)] = requests
+            document = await self._claim_one(job_id, task_id, fields)
+            return [document] if document else None
+        won = await self._claim_many(requests, claim["lease"])
+        won_ids = {document["_id"] for document in won}
+        for job_id, _, _ in requests:
+            if job_id not in won_ids:
+                self._view.claim_lost(job_id)
+        return won or None
 
-        attempts = 0
-
-        async def claim_all() -> int | None:
-            nonlocal attempts
-            attempts += 1
+    async def _claim_one(self, job_id: UUID, task_id: str,
+                         fields: dict[str, Any]) -> dict[str, Any] | None:
+        async def claim(retrying: bool) -> dict[str, Any] | None:
             try:
-                result = await self._jobs.bulk_write(requests, ordered=False)
-            except BulkWriteError as exc:
-                if any(error["code"] != _DUPLICATE_KEY for error in exc.details["writeErrors"]):
-                    raise
-                return None  # some slots were taken meanwhile
-            modified: int = result.modified_count
-            return modified
+                document: dict[str, Any] | None = await self._jobs.find_one_and_update(
+                    {"_id": job_id, "acquired_by": None}, {"$set": fields},
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                return None  # the task's slot is taken by a job we did not hear about
+            if document is None and retrying:  # did the lost attempt win it?
+                document = await self._jobs.find_one({"_id": job_id, "lease": fields["lease"]})
+            return document
 
-        claimed_count = await self._run("acquire_jobs", claim_all)
-        if claimed_count == len(attempted):
-            # All claims won. Jobs are immutable but for their lease, so what we read is current
-            claimed = [{**doc, **claim} for doc in attempted]
-        elif claimed_count == 0 and attempts == 1:
-            return []  # every job was taken by others (after a retry, some may be ours)
-        else:
-            claimed = await self._find("acquire_jobs", self._jobs, {"lease": lease},
-                                       sort=JOB_ORDER)
-        return await self._start_claimed(scheduler_id, claimed)
+        document = await self._run_with_retry_flag("acquire_jobs", claim)
+        if document is None:
+            self._view.claim_lost(job_id)
+            if "slot" in fields:
+                self._view.slot_taken(task_id)
+        return document
+
+    async def _claim_many(self, requests: Sequence[tuple[UUID, str, dict[str, Any]]],
+                          lease: str) -> list[dict[str, Any]]:
+        """Per-document conditional claims in one bulk write (no ``UpdateMany``, so the
+        driver can retry it with a ``txnNumber``), then the documents the lease token won."""
+        updates = [UpdateOne({"_id": job_id, "acquired_by": None}, {"$set": fields})
+                   for job_id, _, fields in requests]
+
+        async def claim_all() -> None:
+            try:
+                await self._jobs.bulk_write(updates, ordered=False)
+            except BulkWriteError as exc:
+                _raise_unless_duplicates(exc)  # lost races for a slot are expected
+
+        await self._run("acquire_jobs", claim_all)
+        return await self._find("acquire_jobs", self._jobs, {"lease": lease}, sort=JOB_ORDER)
+
+    async def _read_and_claim(self, limit: int | None,
+                              claim: dict[str, Any]) -> list[dict[str, Any]]:
+        """Read the queue head with each task and its running jobs (one aggregation), pick
+        what can start, claim it, and refresh the queue view from what was read."""
+        size = (limit or 0) + READ_MARGIN
+        self._view.begin_read()
+        try:
+            groups = await self._queue_head({"acquired_by": None}, size)
+            candidates, free_slots, saturated, complete = self._startable(groups, size)
+            partial: set[str] = set()
+            if limit and len(candidates) < limit and saturated and not complete:
+                # Jobs behind tasks at their limit: look past them (index bounds skip the
+                # saturated tasks' backlog)
+                more = await self._queue_head(
+                    {"acquired_by": None, "task_id": {"$nin": sorted(saturated)}}, size)
+                extra, extra_slots, _, complete = self._startable(more, size)
+                known = {doc["_id"] for doc in candidates}
+                candidates += [doc for doc in extra if doc["_id"] not in known]
+                for task_id, slots in extra_slots.items():
+                    free_slots.setdefault(task_id, slots)
+                groups += more
+                partial = saturated  # only their oldest jobs were read
+        except BaseException:
+            self._view.abort_read()
+            raise
+        candidates.sort(key=lambda doc: (doc["queue_order"], doc["_id"]))
+        chosen: list[tuple[UUID, str, dict[str, Any]]] = []
+        for candidate in candidates[:limit] if limit else candidates:
+            free = free_slots.get(candidate["task_id"])
+            if free is None:
+                chosen.append((candidate["_id"], candidate["task_id"], claim))
+            elif free:
+                chosen.append((candidate["_id"], candidate["task_id"],
+                               {**claim, "slot": free.pop(0)}))
+        claimed: list[dict[str, Any]] = []
+        if len(chosen) == 1:
+            [(job_id, task_id, fields)] = chosen
+            if won := await self._claim_one(job_id, task_id, fields):
+                claimed = [won]
+        elif chosen:
+            claimed = await self._claim_many(chosen, claim["lease"])
+        # Jobs we tried and lost were claimed by others meanwhile: not waiting either
+        gone = {job_id for job_id, _, _ in chosen}
+        self._view.end_read(
+            ((doc["_id"], doc["task_id"], doc["queue_order"])
+             for group in groups for doc in group["jobs"] if doc["_id"] not in gone),
+            complete=complete, partial=partial,
+            running={group["_id"]: {job["_id"] for job in group["running"]} for group in groups},
+        )
+        for group in groups:
+            if group["task"]:
+                self._learn_task(group["task"][0])
+        return claimed
+
+    async def _queue_head(self, match: dict[str, Any], size: int) -> list[dict[str, Any]]:
+        """The first ``size`` unclaimed jobs matching ``match`` in queue order, grouped by
+        task, each group with its task document (``task``, a list of at most one), its
+        ``max_running_jobs`` and its running jobs (``running``): one round trip."""
+        return await self._aggregate("acquire_jobs", self._jobs, [
+            {"$match": match},
+            {"$sort": dict(JOB_ORDER)},
+            {"$limit": size},
+            {"$group": {"_id": "$task_id", "jobs": {"$push": "$$ROOT"}}},
+            {"$lookup": {"from": self._tasks.name, "localField": "_id",
+                         "foreignField": "_id", "as": "task"}},
+            {"$set": {"max_running_jobs": {"$arrayElemAt": ["$task.max_running_jobs", 0]}}},
+            self._running_lookup(),
+        ])
+
+    def _startable(self, groups: list[dict[str, Any]], size: int) -> tuple[
+        list[dict[str, Any]], dict[str, list[int]], set[str], bool
+    ]:
+        """(jobs that can start, free slot numbers of limited tasks, tasks at their limit,
+        whether the read saw the whole queue)."""
+        candidates: list[dict[str, Any]] = []
+        free_slots: dict[str, list[int]] = {}
+        saturated: set[str] = set()
+        read = 0
+        for group in groups:
+            jobs = sorted(group["jobs"], key=lambda doc: (doc["queue_order"], doc["_id"]))
+            read += len(jobs)
+            limit = group.get("max_running_jobs")
+            self._view.learn_limit(group["_id"], limit)
+            if limit is None:
+                candidates += jobs
+                continue
+            used = {job.get("slot") for job in group["running"]}
+            free = [slot for slot in range(limit) if slot not in used]
+            free_slots[group["_id"]] = free
+            candidates += jobs[:len(free)]
+            if len(jobs) > len(free):
+                saturated.add(group["_id"])
+        return candidates, free_slots, saturated, read < size
 
     async def _start_claimed(self, scheduler_id: str, claimed: list[dict[str, Any]]) -> list[Job]:
         """Decode claimed jobs; release at once those that cannot or must not start."""
         now = self.local_clock()
         acquired: list[Job] = []
         discarded: list[tuple[dict[str, Any], JobResult, Job | None]] = []
-        for document in claimed:
+        for document in sorted(claimed, key=lambda doc: (doc["queue_order"], doc["_id"])):
+            self._leases[document["_id"]] = document["lease"]
+            self._view.job_acquired(document["_id"], document["task_id"], scheduler_id,
+                                    ours=True)
             try:
                 job = _codec.decode_job(document, self.serializer)
             except DeserializationError as exc:
@@ -649,18 +916,17 @@ class MongoDBDataStore(BaseExternalDataStore):
                 continue
             acquired.append(job)
 
+        now_monotonic = monotonic()
+        for job in acquired:  # the running jobs as this store now knows them (ours included)
+            running = len(self._view.running.get(job.task_id, {}))
+            grants = [grant for grant in self._task_grants.get(job.task_id, ())
+                      if now_monotonic - grant[0] < TASK_CACHE_SECONDS]
+            self._task_grants[job.task_id] = [*grants, (now_monotonic, running)]
         await self._publish_all(JobAcquired.from_job(job, scheduler_id=scheduler_id)
                                 for job in acquired)
-        if discarded:
-            ids = [document["_id"] for document, _, _ in discarded]
-            await self._run("acquire_jobs", lambda: self._jobs.delete_many(
-                {"_id": {"$in": ids}, "acquired_by": scheduler_id}
-            ))
-            await self._store_results([result for _, result, _ in discarded])
-            await self._publish_all(
-                self._released_event(document, result, scheduler_id, job)
-                for document, result, job in discarded
-            )
+        for document, result, decoded in discarded:
+            if await self._release_owned(document["_id"], scheduler_id, "acquire_jobs"):
+                await self._finish_release(document, result, scheduler_id, decoded)
         return acquired
 
     @staticmethod
@@ -671,50 +937,93 @@ class MongoDBDataStore(BaseExternalDataStore):
             job.scheduled_fire_time if job else document.get("scheduled_fire_time"),
         )
 
-    async def _store_results(self, results: Sequence[JobResult]) -> None:
+    async def _store_results(self, results: Sequence[JobResult],
+                             markers: Sequence[dict[str, Any]] = ()) -> None:
+        """Insert results (and release markers). A duplicate key means an earlier attempt
+        of ours stored it (only a release's winner stores); a write-concern error is never
+        ignored: it is retried if temporary, raised otherwise."""
         documents = [_codec.encode_result(result, self.serializer) for result in results
-                     if result.expires_at > result.finished_at]
+                     if result.expires_at > result.finished_at] + list(markers)
         if not documents:
             return
 
         async def insert() -> None:
             try:
                 await self._results.insert_many(documents, ordered=False)
-            except BulkWriteError as exc:  # duplicates: stored by an earlier attempt
-                if any(error["code"] != _DUPLICATE_KEY for error in exc.details["writeErrors"]):
-                    raise
+            except BulkWriteError as exc:
+                _raise_unless_duplicates(exc)
 
         await self._run("store job results", insert)
 
-    async def _delete_once(self, what: str, collection: Any, query: dict[str, Any]) -> bool:
-        """Delete the document matching ``query``; True if this call deleted it. Deletion is
-        the commit point of a release or removal: exactly one node wins and publishes. A
-        retry after a lost reply finds the document gone, which means our first attempt
-        landed. (Should the first attempt have failed *before* reaching the server and
-        another node have deleted the document meantime -- which for a job takes its lease
-        running out -- both would publish: a window documented in the internals.)"""
-        attempts = 0
+    async def _release_owned(self, job_id: UUID, scheduler_id: str, what: str) -> bool:
+        """Delete a job this node holds; True if this call released it. The delete is the
+        commit point. If the reply of an attempt was lost, a node that took the job over
+        as abandoned leaves a marker: no marker means our earlier attempt deleted it."""
+        lease = self._leases.pop(job_id, None)
+        owned: dict[str, Any] = {"_id": job_id}
+        if lease is not None:
+            owned["lease"] = lease
+        else:  # claimed through another store instance: whoever holds it in our name
+            owned["acquired_by"] = {"$in": [scheduler_id, None]}
+            owned["abandoned"] = {"$exists": False}
 
-        async def delete() -> bool:
-            nonlocal attempts
-            attempts += 1
-            outcome = await collection.delete_one(query)
-            return bool(outcome.deleted_count) or attempts > 1
+        async def delete(retrying: bool) -> bool:
+            outcome = await self._jobs.delete_one(owned)
+            if outcome.deleted_count or not retrying:
+                return bool(outcome.deleted_count)
+            marker = await self._results.find_one({"_id": _release_marker_id(job_id)},
+                                                  projection={"_id": True})
+            return marker is None
 
-        return await self._run(what, delete)
+        return await self._run_with_retry_flag(what, delete)
+
+    def _released_here(self, job_id: UUID, task_id: str, scheduler_id: str | None) -> None:
+        self._task_grants.pop(task_id, None)
+        self._view.job_released(job_id, task_id, scheduler_id, local=True)
+
+    async def _finish_release(self, document: dict[str, Any], result: JobResult,
+                              scheduler_id: str, job: Job | None) -> None:
+        await self._store_results([result])
+        self._released_here(document["_id"], document["task_id"], scheduler_id)
+        await self._publish(self._released_event(document, result, scheduler_id, job))
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
-        owned = {"_id": job.id, "acquired_by": {"$in": [scheduler_id, None]}}
-        if not await self._delete_once("release_job", self._jobs, owned):
+        if not await self._release_owned(job.id, scheduler_id, "release_job"):
+            self._released_here(job.id, job.task_id, None)
             self._logger.warning(
                 "Job %s was no longer held by scheduler %r (its lease expired and it was "
                 "released elsewhere); result not recorded", job.id, scheduler_id,
             )
             return
         await self._store_results([result])
-        await self._event_broker.publish(JobReleased.from_result(
+        self._released_here(job.id, job.task_id, scheduler_id)
+        await self._publish(JobReleased.from_result(
             result, scheduler_id, job.task_id, job.schedule_id, job.scheduled_fire_time
         ))
+
+    async def discard_job(self, job_id: UUID, *, by: str = "operator") -> bool:
+        """Delete a job no scheduler has claimed, as an operator's action (the dashboard's
+        "drop"). Publishes ``JobReleased`` with outcome ``cancelled`` (scheduler id
+        ``by``), so anyone waiting for the job's result learns of it. Returns False if the
+        job is gone or a scheduler holds it."""
+        async def take(retrying: bool) -> dict[str, Any] | None:
+            document: dict[str, Any] | None = await self._jobs.find_one_and_update(
+                {"_id": job_id, "acquired_by": None},
+                {"$set": {"acquired_by": by, "lease": lease, "abandoned": True,
+                          "acquired_until": await self._server_now() + TAKEOVER_WINDOW}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if document is None and retrying:
+                document = await self._jobs.find_one({"_id": job_id, "lease": lease})
+            return document
+
+        lease = uuid4().hex
+        document = await self._run_with_retry_flag("discard_job", take)
+        if document is None:
+            return False
+        released = await self._release_taken_over([document], lease, JobOutcome.cancelled,
+                                                  "discard_job")
+        return bool(released)
 
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         # Read, then delete: unlike find_one_and_delete, each step can be retried after a
@@ -734,80 +1043,108 @@ class MongoDBDataStore(BaseExternalDataStore):
     ) -> None:
         until = await self._server_now() + duration
         await self._run("extend_acquired_job_leases", lambda: self._jobs.update_many(
-            {"_id": {"$in": list(job_ids)}, "acquired_by": scheduler_id},
+            {"_id": {"$in": list(job_ids)}, "acquired_by": scheduler_id,
+             "abandoned": {"$exists": False}},
             {"$set": {"acquired_until": until}},
         ))
 
-    async def _release_abandoned(self, query: dict[str, Any], what: str) -> None:
-        """Release matching leased jobs as abandoned; per document, so only one node wins."""
-        documents = await self._find(what, self._jobs, query)
+    async def _release_abandoned(self, selector: dict[str, Any], what: str) -> None:
+        """Release the leased jobs matching ``selector`` as abandoned, in O(1) round trips:
+        take them over with a token of this call (the server lets exactly one node win each
+        job), then release what carries the token."""
+        lease = uuid4().hex
+        now = await self._server_now()
+        await self._run(what, lambda: self._jobs.update_many(
+            selector, {"$set": {"lease": lease, "abandoned": True,
+                                "acquired_until": now + TAKEOVER_WINDOW}}
+        ))
+        taken = await self._find(what, self._jobs, {"lease": lease}, sort=JOB_ORDER)
+        if taken:
+            await self._release_taken_over(taken, lease, JobOutcome.abandoned, what)
+
+    async def _release_taken_over(self, documents: list[dict[str, Any]], lease: str,
+                                  outcome: JobOutcome, what: str) -> int:
+        """Finish releasing jobs this call took over (their lease is ``lease``): results and
+        markers first (the markers tell an owner retrying its own release that it lost),
+        then the delete, then one ``JobReleased`` each. Returns how many were released."""
         now = self.local_clock()
         released: list[tuple[dict[str, Any], JobResult, Job | None]] = []
         for document in documents:
-            owned = {"_id": document["_id"], "lease": document.get("lease")}
-            if not await self._delete_once(what, self._jobs, owned):
-                continue
+            decoded: Job | None
             try:
-                job: Job | None = _codec.decode_job(document, self.serializer)
+                decoded = _codec.decode_job(document, self.serializer)
             except DeserializationError:
-                job = None
-            result = (JobResult.from_job(job, JobOutcome.abandoned, finished_at=now) if job
-                      else _codec.result_for_document(document, JobOutcome.abandoned, now))
-            released.append((document, result, job))
-
-        await self._store_results([result for _, result, _ in released])
-        await self._publish_all(
-            self._released_event(document, result, document["acquired_by"], job)
-            for document, result, job in released
-        )
+                decoded = None
+            result = (JobResult.from_job(decoded, outcome, finished_at=now) if decoded
+                      else _codec.result_for_document(document, outcome, now))
+            released.append((document, result, decoded))
+        server_now = await self._server_now()
+        markers = [{"_id": _release_marker_id(document["_id"]), "marker": True,
+                    "expires_at": server_now + MARKER_LIFETIME} for document in documents]
+        await self._store_results([result for _, result, _ in released], markers)
+        deleted = await self._run(what, lambda: self._jobs.delete_many({"lease": lease}))
+        if deleted.deleted_count < len(documents):
+            self._logger.warning(
+                "%d of %d jobs taken over were taken over again before being released (this "
+                "node stalled for over %s)", len(documents) - deleted.deleted_count,
+                len(documents), TAKEOVER_WINDOW,
+            )
+        for document, result, job in released:
+            holder = document.get("acquired_by") or "?"
+            self._released_here(document["_id"], document["task_id"], holder)
+            await self._publish(self._released_event(document, result, holder, job))
+        return len(released)
 
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
-        await self._release_abandoned({"acquired_by": scheduler_id}, "reap_abandoned_jobs")
+        await self._release_abandoned(
+            {"acquired_by": scheduler_id, "abandoned": {"$exists": False}},
+            "reap_abandoned_jobs",
+        )
 
     async def cleanup(self) -> None:
         server_now = await self._server_now()
-        # 1. Expired job results (the TTL index does this too, but only once a minute)
+        # 1. Expired job results and markers (the TTL index does this too, once a minute)
         await self._run("cleanup", lambda: self._results.delete_many(
             {"expires_at": {"$lte": server_now}}
         ))
-        # 2. Jobs whose lease expired: their scheduler is gone
+        # 2. Jobs whose lease expired (their scheduler is gone), and takeovers whose node
+        #    died before finishing them
         await self._release_abandoned(
             {"acquired_by": {"$ne": None}, "acquired_until": {"$lt": server_now}}, "cleanup"
         )
-        # 3. Finished schedules with no jobs left
+        # 3. Removals whose node died between marking and deleting
+        await self._remove_schedules(
+            {"removal": {"$exists": True}, "removal_at": {"$lt": server_now - TAKEOVER_WINDOW}},
+            order=None, finished=False, take_over=True,
+        )
+        # 4. Finished schedules with no jobs left
         finished = await self._find("cleanup", self._schedules,
-                                    {"next_fire_time": None, "acquired_by": None},
+                                    {"next_fire_time": None, "acquired_by": None,
+                                     **self._LIVE_SCHEDULE},
                                     projection={"_id": True})
         if finished:
             ids = [doc["_id"] for doc in finished]
             with_jobs = set(await self._run("cleanup", lambda: self._jobs.distinct(
                 "schedule_id", {"schedule_id": {"$in": ids}}
             )))
-            await self._remove_schedules(
-                [i for i in ids if i not in with_jobs],
-                {"next_fire_time": None, "acquired_by": None}, finished=True,
-            )
+            if idle := [i for i in ids if i not in with_jobs]:
+                await self._remove_schedules(
+                    {"_id": {"$in": idle}, "next_fire_time": None, "acquired_by": None},
+                    order=idle, finished=True,
+                )
+        # 5. A periodic fresh look at the queue, whatever the events said
+        self._view.forget_everything()
 
-    async def discard_job(self, job_id: UUID) -> bool:
-        """Delete a queued job that no scheduler has claimed yet (an operator's "drop").
 
-        The delete is conditional on ``acquired_by`` being unset, so a job a scheduler
-        claimed meanwhile runs as usual and this returns False. When this call deleted it,
-        the job is released as ``cancelled``: its result is stored (if the job keeps
-        results) and ``JobReleased`` is published with an empty ``scheduler_id``, since no
-        scheduler held it.
-        """
-        queued = {"_id": job_id, "acquired_by": None}
-        document = await self._run("discard_job", lambda: self._jobs.find_one(queued))
-        if not document or not await self._delete_once("discard_job", self._jobs, queued):
-            return False
-        try:
-            job: Job | None = _codec.decode_job(document, self.serializer)
-        except DeserializationError:
-            job = None
-        now = self.local_clock()
-        result = (JobResult.from_job(job, JobOutcome.cancelled, finished_at=now) if job
-                  else _codec.result_for_document(document, JobOutcome.cancelled, now))
-        await self._store_results([result])
-        await self._event_broker.publish(self._released_event(document, result, "", job))
-        return True
+def _raise_unless_duplicates(exc: BulkWriteError) -> None:
+    """Duplicate keys in an unordered bulk are expected where they mean "already there" or
+    "slot taken"; anything else, and any write-concern error, is raised (the retry layer
+    then decides whether it is temporary)."""
+    errors = exc.details.get("writeErrors") or []
+    if any(error.get("code") != _DUPLICATE_KEY for error in errors):
+        raise exc
+    concern_errors = exc.details.get("writeConcernErrors") or []
+    if concern_errors:
+        last = concern_errors[-1]
+        raise WriteConcernError(last.get("errmsg", "write concern error"), last.get("code"),
+                                last)

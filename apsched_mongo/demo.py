@@ -14,8 +14,22 @@ from apscheduler import AsyncScheduler, ConflictPolicy, current_async_scheduler,
 from apscheduler.abc import EventBroker
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from pymongo.errors import PyMongoError
 
+from ._cli import (
+    CommandLineError,
+    add_verbose_argument,
+    database_argument,
+    describe_unreachable,
+    find_error,
+    positive_float,
+    positive_int,
+    uri_argument,
+)
+from ._client import redact
+from .dashboard import FreeLocalPort
 from .datastore import MongoDBDataStore
+from .errors import ApschedMongoError, ServerUnreachableError
 from .eventbroker import MongoDBEventBroker
 
 runs: Counter[str] = Counter()
@@ -55,13 +69,20 @@ async def slow() -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--uri", help="MongoDB URI (default: an in-memory MongoDB)")
-    parser.add_argument("--database", default="apsched_demo")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to run")
-    parser.add_argument("--nodes", type=int, default=1, help="schedulers sharing the database")
+    parser.add_argument("--uri", type=uri_argument,
+                        help="MongoDB URI (default: an in-memory MongoDB)")
+    parser.add_argument("--database", type=database_argument, default="apsched_demo",
+                        help="database to use; its scheduler data is erased at start "
+                             "(default: apsched_demo)")
+    parser.add_argument("--seconds", type=positive_float, default=10.0,
+                        help="how long to run (default: 10)")
+    parser.add_argument("--nodes", type=positive_int, default=1,
+                        help="schedulers sharing the database (default: 1)")
     parser.add_argument("--broker", choices=["mongodb", "local"], default="mongodb",
                         help="event broker: MongoDB (default) or local only")
-    parser.add_argument("--dashboard", nargs="?", type=int, const=8800, metavar="PORT",
+    add_verbose_argument(parser)
+    parser.add_argument("--dashboard", nargs="?", action=FreeLocalPort, const="8800",
+                        metavar="PORT",
                         help="also serve the operator dashboard on 127.0.0.1:PORT (8800) and "
                              "run until Ctrl-C instead of --seconds")
 
@@ -124,5 +145,13 @@ async def _main(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
-    anyio.run(_main, args)
+    try:
+        anyio.run(_main, args)
+    except (Exception, BaseExceptionGroup) as exc:  # schedulers raise in exception groups
+        if (error := find_error(exc, ServerUnreachableError)) is not None:
+            raise CommandLineError(describe_unreachable(error, args.verbose)) from None
+        if (error := find_error(exc, PyMongoError, ApschedMongoError)) is not None:
+            text = redact(str(error), args.uri) if args.uri else str(error)
+            raise CommandLineError(f"MongoDB refused the demo: {text}") from None
+        raise
     return 0

@@ -8,7 +8,17 @@ class ApschedMongoError(Exception):
 
 
 class ServerUnreachableError(ApschedMongoError, ConnectionError):
-    """No MongoDB server answered within the client's server-selection timeout."""
+    """No MongoDB server answered within the client's server-selection timeout.
+
+    ``str()`` is one line: the hosts, the timeout and the likely cause. The driver's full
+    account (every server's state in the topology) is in :attr:`details`, and is logged
+    at DEBUG by the ``apsched_mongo`` logger; never a password in either.
+    """
+
+    def __init__(self, message: str, *, details: str = "") -> None:
+        super().__init__(message)
+        #: The driver's topology description and per-server errors, for ``--verbose``.
+        self.details = details
 
 
 class IndexConflictError(ApschedMongoError):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from logging import Logger
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from uuid import uuid4
 
@@ -14,14 +14,14 @@ import anyio
 import attrs
 from apscheduler import Event, SerializationError, _events
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
-from attrs.validators import in_
 from bson import ObjectId
 from bson.errors import InvalidDocument
-from pymongo import ASCENDING
+from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import CursorNotFound, DuplicateKeyError, OperationFailure, PyMongoError
 from tenacity import AsyncRetrying, RetryCallState
 
 from ._client import (
+    MAJORITY_TIMEOUT,
     accept_client_or_uri,
     create_client,
     database_of,
@@ -33,6 +33,7 @@ from ._clock import ServerClock, utc_now
 from ._indexes import IndexSpec, ensure_indexes
 from ._names import check_collection_prefix, check_database_name
 from ._retry import is_temporary, retrying
+from ._validators import positive, positive_or_zero
 from .errors import ApschedMongoError
 
 if TYPE_CHECKING:
@@ -42,11 +43,21 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 Mode = Literal["auto", "change_stream", "polling"]
+MODES = ("auto", "change_stream", "polling")
 
 _NO_CHANGE_STREAMS = 40573  # "$changeStream is only supported on replica sets"
 # The resume token is useless: its history left the oplog (286), the server gave up on the
 # stream (280) or does not recognise the token (260). Resuming is impossible.
 _TOKEN_LOST = frozenset({260, 280, 286})
+
+#: Events in one document at most, and their serialized size at most (BSON's limit for a
+#: whole document is 16 MiB)
+MAX_BATCH_EVENTS = 1000
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: One event larger than this cannot be sent at all
+MAX_EVENT_BYTES = 15 * 1024 * 1024
+#: Events waiting to be sent at most; publish() waits for room beyond that
+MAX_OUTBOX = 10_000
 
 
 @asynccontextmanager
@@ -60,28 +71,35 @@ async def _closing(stream: Any) -> AsyncIterator[Any]:
             await stream.close()
 
 
-def _as_timedelta(value: timedelta | float) -> timedelta:
-    return value if isinstance(value, timedelta) else timedelta(seconds=value)
-
-
 def _check_collection(instance: Any, attribute: Any, value: Any) -> None:
     check_collection_prefix(instance, attribute, value)
     if not value:
         raise ValueError("collection must be a non-empty string")
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[timedelta], value: timedelta) -> None:
-    if value <= timedelta(0):
-        raise ValueError(f"{attribute.name} must be positive, not {value}")
+def _check_mode(instance: Any, attribute: Any, value: Any) -> None:
+    if value not in MODES:
+        raise ValueError(
+            f"mode must be one of {', '.join(repr(mode) for mode in MODES)}, not {value!r}"
+        )
+
+
+def _timedelta(value: Any) -> Any:
+    """Seconds or a timedelta; anything else is left for the validator to name."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
 
 
 @attrs.define(eq=False, repr=False)
 class MongoDBEventBroker(BaseExternalEventBroker):
-    """Broadcasts events to the other nodes by inserting them into a MongoDB collection.
+    """Broadcasts events to the other nodes through a MongoDB collection.
 
-    Each event is one document (``node``, ``type``, serialized ``payload``, ``created_at``)
-    that a TTL index removes after ``retention``. A node delivers its own events locally at
-    once and never receives them back. Other nodes receive them by
+    A node delivers its own events locally at once and never receives them back. Events
+    are sent to the server in batches: one document (``node``, ``seq``, ``created_at``,
+    ``events``) carries every event published while the previous document was being
+    written, or within ``publish_delay`` of the first of them, in publish order. A TTL index
+    removes documents after ``retention``. Other nodes receive them by
 
     * **change stream** (replica sets and sharded clusters): a ``watch()`` on inserts from
       other nodes. The last resume token is kept; after a resumable error (lost connection,
@@ -89,7 +107,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
       ``startAfter`` that token, so nothing is lost or repeated. Temporary errors are
       retried forever, spaced out by ``retry_settings.wait``. Non-resumable cases:
 
-      - ``invalidate`` (collection dropped or renamed): the TTL index is re-created and the
+      - ``invalidate`` (collection dropped or renamed): the indexes are re-created and the
         stream reopened after the invalidate event (WARNING);
       - resume token unusable (``ChangeStreamHistoryLost`` 286, 280, 260): logged as an
         ERROR saying events may have been missed, then the stream restarts from now;
@@ -97,13 +115,17 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         this node still publishes and still runs on its own timers, but no longer hears
         other nodes.
 
-    * **polling** (standalone servers, the in-memory back end, ``mode="polling"``): every
-      ``poll_interval``, a query for other nodes' events in a look-back window, de-duplicated
-      by ``_id`` (:meth:`_poll_once` says why). A temporary error is retried at the next
-      poll; any other stops the listener, logged as above.
+    * **polling** (standalone servers, ``mode="polling"``): every ``poll_interval``, one
+      query for the documents after the last ``seq`` seen from each known node, plus any
+      document of a node not seen before (stamped within ``poll_lookback``). Each node's
+      documents become visible in ``seq`` order (it writes one at a time), so nothing is
+      skipped or repeated, and the query's cost follows the number of nodes and of new
+      documents, not the event rate. A temporary error is retried at the next poll; any
+      other stops the listener, logged as above.
 
-    A foreign or corrupt document is logged as a WARNING and skipped. After ``start()``,
-    :attr:`active_mode` tells which of the two this node uses.
+    A foreign or corrupt document is logged as a WARNING and skipped; a batch that cannot
+    be sent (after ``retry_settings``) is logged as an ERROR with its event count. After
+    ``start()``, :attr:`active_mode` tells which of the two modes this node uses.
 
     :param client_or_uri: a MongoDB URI, a :class:`pymongo.AsyncMongoClient` or a
         :class:`~apsched_mongo.memory.MemoryMongoClient` (it may be shared with the data
@@ -112,10 +134,13 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     :param collection: name of the events collection
     :param retention: how long event documents are kept (the TTL index's lifetime)
     :param poll_interval: time between polls when polling
-    :param poll_lookback: how late an event may become visible to a poll and still be
-        delivered (must be shorter than ``retention``)
+    :param poll_lookback: how late the first document of a newly started node may become
+        visible to a poll and still be delivered (must be shorter than ``retention``)
+    :param publish_delay: how long an event may wait for others to share its document
+        (seconds; 0 sends at once, batching only what accumulates during a write)
     :param mode: ``"auto"`` (change streams where the server has them, else polling),
         ``"change_stream"`` (fail at start if unavailable) or ``"polling"``
+    :param write_timeout: seconds a write may wait for a majority of the replica set
     :param clock_refresh_interval: seconds between re-measurements of the server's clock
     :param local_clock: this node's clock (a testing aid for clock-skew drills)
     """
@@ -126,18 +151,19 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         default="apsched_events", kw_only=True, validator=_check_collection
     )
     retention: timedelta = attrs.field(
-        default=timedelta(minutes=10), kw_only=True, converter=_as_timedelta, validator=_positive
+        default=timedelta(minutes=10), kw_only=True, converter=_timedelta, validator=positive
     )
     poll_interval: timedelta = attrs.field(
-        default=timedelta(seconds=0.5), kw_only=True, converter=_as_timedelta, validator=_positive
+        default=timedelta(seconds=0.5), kw_only=True, converter=_timedelta, validator=positive
     )
     poll_lookback: timedelta = attrs.field(
-        default=timedelta(seconds=10), kw_only=True, converter=_as_timedelta, validator=_positive
+        default=timedelta(seconds=10), kw_only=True, converter=_timedelta, validator=positive
     )
-    mode: Mode = attrs.field(
-        default="auto", kw_only=True, validator=in_(("auto", "change_stream", "polling"))
-    )
-    clock_refresh_interval: float = attrs.field(default=60.0, kw_only=True)
+    publish_delay: float = attrs.field(default=0.005, kw_only=True, validator=positive_or_zero)
+    mode: Mode = attrs.field(default="auto", kw_only=True, validator=_check_mode)
+    write_timeout: float = attrs.field(default=MAJORITY_TIMEOUT, kw_only=True,
+                                       validator=positive)
+    clock_refresh_interval: float = attrs.field(default=60.0, kw_only=True, validator=positive)
     local_clock: Callable[[], datetime] = attrs.field(default=utc_now, kw_only=True)
 
     #: ``"change_stream"`` or ``"polling"`` once started
@@ -149,9 +175,18 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     _collection: Any = attrs.field(init=False, default=None)
     _clock: ServerClock = attrs.field(init=False)
     _node_id: str = attrs.field(init=False, factory=lambda: uuid4().hex)
+    _seq: int = attrs.field(init=False, default=0)
+    _outbox: list[dict[str, Any]] = attrs.field(init=False, factory=list)
+    _outbox_changed: anyio.Event = attrs.field(init=False, factory=anyio.Event)
+    _stopping: bool = attrs.field(init=False, default=False)
+    _sending: bool = attrs.field(init=False, default=False)
+    _sender_done: anyio.Event = attrs.field(init=False, factory=anyio.Event)
     _token: Any = attrs.field(init=False, default=None)  # last change stream resume token
-    _since: datetime | None = attrs.field(init=False, default=None)  # polling window start
-    _seen: list[tuple[Any, datetime]] = attrs.field(init=False, factory=list)
+    #: polling: node -> (last seq delivered, server time of that document)
+    _cursors: dict[str, tuple[int, datetime]] = attrs.field(init=False, factory=dict)
+    _since: datetime | None = attrs.field(init=False, default=None)
+    #: polling: documents without a usable (node, seq), already reported
+    _junk: OrderedDict[Any, datetime] = attrs.field(init=False, factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
         self._uri, self._client = accept_client_or_uri(self.client_or_uri)
@@ -183,10 +218,13 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         state.attempt_number = failures
         return float(self.retry_settings.wait(state))
 
-    async def _ensure_ttl_index(self) -> None:
+    async def _ensure_indexes(self) -> None:
         seconds = int(self.retention.total_seconds())
-        spec = IndexSpec("apsched_ttl", [("created_at", ASCENDING)], expire_after_seconds=seconds)
-        await ensure_indexes(self._collection, [spec])
+        await ensure_indexes(self._collection, [
+            IndexSpec("apsched_ttl", [("created_at", ASCENDING)],
+                      expire_after_seconds=seconds),
+            IndexSpec("apsched_node_seq", [("node", ASCENDING), ("seq", ASCENDING)]),
+        ])
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -198,13 +236,15 @@ class MongoDBEventBroker(BaseExternalEventBroker):
 
         await super().start(exit_stack, logger)
         # A restarted broker listens from now on, like a new one
-        self._token, self._since, self._seen = None, None, []
-        database = database_of(self._client, self.database)
+        self._token, self._since, self._cursors, self._junk = None, None, {}, OrderedDict()
+        self._outbox, self._seq, self._stopping = [], 0, False
+        self._sender_done = anyio.Event()
+        database = database_of(self._client, self.database, self.write_timeout)
         self._collection = database.get_collection(self.collection)
-        sent_at, started = self.local_clock(), monotonic()
+        started = self._clock.monotonic()
         hello = await ping(self._client, self._uri)
-        self._clock.observe(hello, sent_at, monotonic() - started)
-        await self._run("creating the events TTL index", self._ensure_ttl_index)
+        self._clock.observe(hello, self._clock.monotonic() - started)
+        await self._run("creating the events indexes", self._ensure_indexes)
 
         stream = await self._open_first_stream(hello)
         if stream is not None:
@@ -212,61 +252,148 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             self._task_group.start_soon(self._follow_stream, stream, name=self._listener_name)
         else:
             self.active_mode = "polling"
-            # Events already in the window predate this node: mark them seen, don't deliver
-            await self._run("reading the events collection", lambda: self._poll_once(False))
+            # Documents already there predate this node: start after them
+            await self._run("reading the events collection", self._start_polling)
             self._task_group.start_soon(self._poll_forever, name=self._listener_name)
+        self._task_group.start_soon(
+            self._send_forever, name=f"{type(self).__name__} sender (node {self._node_id})"
+        )
+        # On exit (last in, first out): send what is still queued, then stop the tasks
         exit_stack.callback(self._task_group.cancel_scope.cancel)
+        exit_stack.push_async_callback(self._stop_sending)
 
     @property
     def _listener_name(self) -> str:
         return f"{type(self).__name__} listener ({self.active_mode}, node {self._node_id})"
 
     async def publish(self, event: Event) -> None:
-        """Deliver ``event`` to local subscribers at once, then store it for the others."""
-        payload = self.serializer.serialize(event.marshal())  # SerializationError: no insert
+        """Deliver ``event`` to local subscribers at once, then queue it for the others."""
+        payload = self.serializer.serialize(event.marshal())  # SerializationError: not sent
+        if len(payload) > MAX_EVENT_BYTES:
+            raise SerializationError(
+                f"cannot send {type(event).__name__}: {len(payload)} bytes serialized, over "
+                f"the {MAX_EVENT_BYTES} bytes that fit in a MongoDB document"
+            )
         await self.publish_local(event)
-        document = {
+        while len(self._outbox) >= MAX_OUTBOX:  # the server is unreachable: wait for room
+            await self._outbox_changed.wait()
+        self._outbox.append({"type": type(event).__name__, "payload": payload})
+        self._signal_outbox()
+
+    def _signal_outbox(self) -> None:
+        self._outbox_changed.set()
+        self._outbox_changed = anyio.Event()
+
+    async def flush(self) -> None:
+        """Wait until every event published so far has been written (or given up on and
+        logged): before a planned shutdown, or in tests that need other nodes to be able
+        to read what was published."""
+        while self._outbox or self._sending:
+            await self._outbox_changed.wait()
+
+    # --- sending ----------------------------------------------------------------------------
+
+    async def _send_forever(self) -> None:
+        """One document at a time, in publish order (so each node's documents become
+        visible in ``seq`` order): the next is built from whatever was published while the
+        previous one was being written, or within ``publish_delay`` of its first event."""
+        try:
+            while True:
+                while not self._outbox:
+                    if self._stopping:
+                        return
+                    await self._outbox_changed.wait()
+                if self.publish_delay and not self._stopping:
+                    with anyio.move_on_after(self.publish_delay):
+                        while len(self._outbox) < MAX_BATCH_EVENTS and not self._stopping:
+                            await self._outbox_changed.wait()
+                await self._send_batch()
+        finally:
+            self._sender_done.set()
+
+    async def _stop_sending(self) -> None:
+        """At shutdown, let the sender empty the queue, for at most a few seconds."""
+        self._stopping = True
+        self._signal_outbox()
+        with anyio.move_on_after(5, shield=True):
+            await self._sender_done.wait()
+
+    def _take_batch(self) -> list[dict[str, Any]]:
+        """The oldest events that fit in one document."""
+        count = size = 0
+        for event in self._outbox:
+            size += len(event["payload"])
+            if count and (count >= MAX_BATCH_EVENTS or size > MAX_BATCH_BYTES):
+                break
+            count += 1
+        batch, self._outbox = self._outbox[:count], self._outbox[count:]
+        self._signal_outbox()
+        return batch
+
+    async def _send_batch(self) -> None:
+        self._sending = True
+        try:
+            await self._send(self._take_batch())
+        finally:
+            self._sending = False
+            self._signal_outbox()
+
+    async def _send(self, batch: list[dict[str, Any]]) -> None:
+        self._seq += 1
+        document: dict[str, Any] = {
             "_id": ObjectId(),  # fixed before the first attempt: a retry cannot duplicate it
             "node": self._node_id,
-            "type": type(event).__name__,
-            "payload": payload,
+            "seq": self._seq,
+            "events": batch,
         }
-        first = True
 
         async def insert() -> None:
-            nonlocal first
             document["created_at"] = await self._clock.now(self._client.admin)
             try:
                 await self._collection.insert_one(document)
             except DuplicateKeyError:
-                if first:
-                    raise
-                # a duplicate _id on a retry means the earlier attempt landed
-            except InvalidDocument as exc:  # e.g. larger than the 16 MiB BSON limit
-                raise SerializationError(f"cannot store {type(event).__name__}: {exc}") from exc
-            finally:
-                first = False
+                pass  # our own _id: an earlier attempt landed
+            except InvalidDocument as exc:  # cannot happen within the size limits above
+                raise SerializationError(f"cannot store events: {exc}") from exc
 
-        await self._run("publishing an event", insert)
+        try:
+            await self._run("sending events", insert)
+        except (PyMongoError, SerializationError) as exc:
+            self._logger.error(
+                "%s: %d event(s) could not be sent to other nodes: %r",
+                type(self).__name__, len(batch), exc,
+            )
 
     # --- receiving --------------------------------------------------------------------------
 
     async def _deliver(self, document: Any) -> None:
+        """Deliver the events of one document (or of an older version's single event)."""
         try:
-            event_class = getattr(_events, document["type"])
-            if not (isinstance(event_class, type) and issubclass(event_class, Event)):
-                raise TypeError(f"{document['type']!r} is not an event class")
-            if not isinstance(document["payload"], bytes):
-                raise TypeError("the payload is not binary")
-            event = event_class.unmarshal(self.serializer.deserialize(document["payload"]))
+            items = document.get("events", [document])
+            if not isinstance(items, list):
+                raise TypeError("events is not a list")
         except Exception as exc:
-            _id = document.get("_id") if isinstance(document, dict) else None
-            self._logger.warning(
-                "Skipping a foreign or corrupt document (_id=%r) in %s: %r",
-                _id, self._collection.full_name, exc,
-            )
+            self._report_corrupt(document, exc)
             return
-        await self.publish_local(event)
+        for item in items:
+            try:
+                event_class = getattr(_events, item["type"])
+                if not (isinstance(event_class, type) and issubclass(event_class, Event)):
+                    raise TypeError(f"{item['type']!r} is not an event class")
+                if not isinstance(item["payload"], bytes):
+                    raise TypeError("the payload is not binary")
+                event = event_class.unmarshal(self.serializer.deserialize(item["payload"]))
+            except Exception as exc:
+                self._report_corrupt(document, exc)
+                continue
+            await self.publish_local(event)
+
+    def _report_corrupt(self, document: Any, exc: Exception) -> None:
+        _id = document.get("_id") if isinstance(document, dict) else None
+        self._logger.warning(
+            "Skipping a foreign or corrupt document (_id=%r) in %s: %r",
+            _id, self._collection.full_name, exc,
+        )
 
     # change streams
 
@@ -324,12 +451,12 @@ class MongoDBEventBroker(BaseExternalEventBroker):
                             continue
                         if change.get("operationType") == "invalidate":
                             self._logger.warning(
-                                "%s: %s was dropped or renamed; re-creating its TTL index "
+                                "%s: %s was dropped or renamed; re-creating its indexes "
                                 "and listening again", type(self).__name__,
                                 self._collection.full_name,
                             )
                             self._token = change["_id"]
-                            await self._ensure_ttl_index()
+                            await self._ensure_indexes()
                         else:
                             await self._deliver(change.get("fullDocument"))
             except PyMongoError as exc:
@@ -367,6 +494,22 @@ class MongoDBEventBroker(BaseExternalEventBroker):
 
     # polling
 
+    async def _start_polling(self) -> None:
+        """Begin after every document already stored: the last ``seq`` of each node."""
+        self._since = await self._clock.now(self._client.admin)
+        pipeline = [
+            {"$sort": {"node": ASCENDING, "seq": DESCENDING}},
+            {"$group": {"_id": "$node", "seq": {"$first": "$seq"},
+                        "created_at": {"$first": "$created_at"}}},
+        ]
+        latest = await (await self._collection.aggregate(pipeline)).to_list(None)
+        self._cursors = {
+            document["_id"]: (document["seq"], document["created_at"])
+            for document in latest
+            if isinstance(document["_id"], str) and isinstance(document.get("seq"), int)
+            and isinstance(document.get("created_at"), datetime)
+        }
+
     async def _poll_forever(self) -> None:
         failures = 0
         while True:
@@ -388,33 +531,46 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             else:
                 failures = 0
 
-    async def _poll_once(self, deliver: bool = True) -> None:
-        """Deliver the events of other nodes that became visible since the last poll.
-
-        Neither ``_id`` nor ``created_at`` can serve as a cursor ("everything after the
-        last one seen"): inserts from several nodes become visible out of that order, so a
-        late one would be skipped. Instead every poll reads a window, the last
-        ``poll_lookback`` of server time, and leaves out the ``_id`` values already
-        delivered (``$nin``). An ``_id`` is forgotten once its ``created_at`` leaves the
-        window, after which no query can return it again. The window never moves back, even
-        if a clock does. ``created_at`` is stamped with the *server's* time (see
-        :class:`~apsched_mongo._clock.ServerClock`), so node clock skew does not matter: an
-        event is delivered exactly once provided it becomes visible within
-        ``poll_lookback - poll_interval`` of being stamped.
-
-        :param deliver: ``False`` at start: what is already there predates this node
-        """
-        since = await self._clock.now(self._client.admin) - self.poll_lookback
-        self._since = since = max(since, self._since or since)
-        self._seen = [(_id, at) for _id, at in self._seen if at >= since]
-        query: dict[str, Any] = {
-            "created_at": {"$gte": since},
-            "node": {"$ne": self._node_id},
-        }
-        if self._seen:
-            query["_id"] = {"$nin": [_id for _id, _ in self._seen]}
-        cursor = self._collection.find(query, sort=[("created_at", ASCENDING), ("_id", ASCENDING)])
+    async def _poll_once(self) -> None:
+        """Deliver the documents of other nodes that became visible since the last poll:
+        for each known node, those after the last ``seq`` delivered; for nodes not seen
+        yet, those stamped within ``poll_lookback`` (the window never moves back, and
+        ``created_at`` is the *server's* time, so node clock skew does not matter)."""
+        now = await self._clock.now(self._client.admin)
+        since = max(now - self.poll_lookback, self._since or now)
+        self._since = since
+        self._forget_old(now)
+        known = sorted(self._cursors)
+        clauses: list[dict[str, Any]] = [
+            {"node": node, "seq": {"$gt": self._cursors[node][0]}} for node in known
+        ]
+        clauses.append({"node": {"$nin": [*known, self._node_id]},
+                        "created_at": {"$gte": since}})
+        query: dict[str, Any] = clauses[0] if len(clauses) == 1 else {"$or": clauses}
+        if self._junk:
+            query = {"$and": [query, {"_id": {"$nin": list(self._junk)}}]}
+        cursor = self._collection.find(
+            query, sort=[("created_at", ASCENDING), ("node", ASCENDING), ("seq", ASCENDING)]
+        )
         for document in await cursor.to_list(None):
-            self._seen.append((document["_id"], document["created_at"]))
-            if deliver:
+            node, seq = document.get("node"), document.get("seq")
+            if node == self._node_id:
+                continue
+            if not (isinstance(node, str) and isinstance(seq, int)):
+                self._junk[document.get("_id")] = now  # report it once, not every poll
                 await self._deliver(document)
+                continue
+            if seq <= self._cursors.get(node, (0, now))[0]:
+                continue  # out of order within one poll: already delivered
+            self._cursors[node] = (seq, document.get("created_at") or now)
+            await self._deliver(document)
+
+    def _forget_old(self, now: datetime) -> None:
+        """Drop nodes silent for longer than the retention (their documents are gone,
+        so none can come back) and junk older than the lookback (no query returns it)."""
+        horizon = now - self.retention - timedelta(minutes=2)
+        self._cursors = {node: cursor for node, cursor in self._cursors.items()
+                         if cursor[1] >= horizon}
+        while self._junk and next(iter(self._junk.values())) < now - self.poll_lookback * 2:
+            self._junk.popitem(last=False)
+

@@ -23,4 +23,9 @@ autodoc_default_options = {"show-inheritance": False}
 
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
-html_static_path: list[str] = []
+
+# Wide enough at a 1280 px window for the signatures and option tables, which overflowed
+# alabaster's default 940 px page (docs/_static/custom.css wraps what is still too long).
+html_theme_options = {"page_width": "1180px", "sidebar_width": "230px"}
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]

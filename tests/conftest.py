@@ -91,6 +91,8 @@ class Backend:
         if "local_clock" in kwargs:
             # A test moving a FakeClock: re-measuring the server clock would undo the move
             kwargs.setdefault("clock_refresh_interval", float("inf"))
+            if monotonic := getattr(kwargs["local_clock"], "monotonic", None):
+                kwargs.setdefault("monotonic_clock", monotonic)
         return MongoDBDataStore(self.client(), **kwargs)
 
     def db(self) -> Any:

@@ -188,3 +188,88 @@ async def test_data_in_a_newer_format_is_refused_and_left_alone(
         await started()
     assert await backend.db()["apsched_tasks"].count_documents({}) == 1
     assert (await meta.find_one({"_id": "format"}))["version"] == 2
+
+
+def test_a_synchronous_client_is_refused_with_what_to_pass_instead() -> None:
+    from pymongo import MongoClient
+
+    from apsched_mongo import MongoDBEventBroker
+
+    client: Any = MongoClient("mongodb://localhost", connect=False)
+    try:
+        for cls in (MongoDBDataStore, MongoDBEventBroker):
+            with pytest.raises(TypeError, match="synchronous client") as info:
+                cls(client)
+            assert "pymongo.AsyncMongoClient(...)" in str(info.value)
+            assert len(str(info.value).splitlines()) == 1
+    finally:
+        client.close()
+
+
+def _foreign_client(module: str, name: str) -> Any:
+    """An instance of a class that lives in ``module`` (as Motor's and mongomock-motor's
+    clients do), without importing that library: the check goes by module name."""
+    cls = type(name, (), {"__module__": module, "get_database": lambda self, *a, **k: None})
+    return cls()
+
+
+@pytest.mark.parametrize(("module", "name", "instead"), [
+    ("motor.motor_asyncio", "AsyncIOMotorClient", "pymongo.AsyncMongoClient(...)"),
+    ("motor.motor_tornado", "MotorClient", "pymongo.AsyncMongoClient(...)"),
+    ("mongomock_motor", "AsyncMongoMockClient", "apsched_mongo.memory.MemoryMongoClient()"),
+    ("mongomock.mongo_client", "MongoClient", "apsched_mongo.memory.MemoryMongoClient()"),
+])
+def test_motor_and_mongomock_clients_are_refused_with_the_one_line_change(
+    module: str, name: str, instead: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        MongoDBDataStore(_foreign_client(module, name))
+    message = str(info.value)
+    assert instead in message
+    assert ("end of life" in message) == module.startswith(("motor", "mongomock_motor"))
+    assert len(message.splitlines()) == 1
+
+
+def test_a_subclass_of_motor_is_refused_too() -> None:
+    base = type(_foreign_client("motor.motor_asyncio", "AsyncIOMotorClient"))
+    sub = type("MyClient", (base,), {"__module__": "myapp.db"})
+    with pytest.raises(TypeError, match="Motor client"):
+        MongoDBDataStore(sub())
+
+
+def test_unreachable_server_message_is_one_line_with_the_details_apart() -> None:
+    import anyio
+    from pymongo import AsyncMongoClient
+
+    from apsched_mongo._client import ping
+
+    async def attempt() -> ServerUnreachableError:
+        client: Any = AsyncMongoClient("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=200")
+        try:
+            with pytest.raises(ServerUnreachableError) as info:
+                await ping(client, "mongodb://u:hunter2@127.0.0.1:1/")
+        finally:
+            await client.close()
+        return info.value
+
+    error = anyio.run(attempt)
+    assert str(error) == ("cannot reach MongoDB at 127.0.0.1:1 within 0.2 s: connection refused "
+                          "(nothing listens there: is mongod running, is the port right?)")
+    assert "Topology Description" in error.details
+
+
+@pytest.mark.parametrize(("driver_says", "cause"), [
+    ("db.example:27017: [Errno -2] Name or service not known", "host name not found"),
+    ("db.example:27017: timed out (configured timeouts: ...)", "no answer"),
+    ("db.example:27017: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
+     "TLS handshake failed"),
+    ("No replica set members match selector \"Primary()\", Timeout: 30s, Topology "
+     "Description: <TopologyDescription id: x, topology_type: ReplicaSetNoPrimary, servers: []>",
+     "no primary"),
+    ("db.example:27017: Message length (1347703880) is larger than server max message size",
+     "something other than MongoDB"),
+])
+def test_likely_causes(driver_says: str, cause: str) -> None:
+    from apsched_mongo._client import likely_cause
+
+    assert likely_cause(driver_says).startswith(cause)

@@ -460,7 +460,8 @@ async def test_unreachable_server_then_recovery(
         response = await http.get(path)
         assert response.status_code == 503, path
         assert "MongoDB is not answering" in response.text
-        assert "db.example:27017: [Errno 111] Connection refused" in response.text
+        assert "cannot reach MongoDB at memory within 5.0 s: connection refused" in (
+            response.text)
         assert "Topology Description" not in response.text
         assert 'id="live"' in response.text  # the script keeps refreshing this page
     assert (await http.get("/health")).json()["mongodb"] == "unreachable"
@@ -468,7 +469,8 @@ async def test_unreachable_server_then_recovery(
     outage = [r for r in caplog.records if r.getMessage().startswith("MongoDB unreachable")]
     assert len(outage) == 1, [r.getMessage() for r in caplog.records]
     assert outage[0].levelno == logging.WARNING
-    assert outage[0].getMessage().startswith("MongoDB unreachable: db.example:27017")
+    assert outage[0].getMessage().startswith(
+        "MongoDB unreachable: cannot reach MongoDB at memory within 5.0 s: connection refused")
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
     client.down = False
@@ -495,7 +497,7 @@ async def test_unreachable_at_start_links_later(
     assert response.status_code == 503
     assert dashboard.link_error is not None
     assert "cannot reach MongoDB" in dashboard.link_error, dashboard.link_error
-    assert "Connection refused" in (await http.get("/outcomes")).text
+    assert "connection refused" in (await http.get("/outcomes")).text
     refused = await http.post("/actions/pause", data={"id": "nightly"},
                               headers={"Authorization": f"Bearer {TOKEN}"})
     assert refused.status_code == 503 and "not connected" in refused.json()["error"]

@@ -119,20 +119,34 @@ def shoot(driver: Any, tmp_path: Path, name: str) -> None:
 
 
 def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = demo.wait_for_url()
-    wait = WebDriverWait(browser, 30, poll_frequency=0.2)
+    # The page swaps its <main> every 2 s: an element found before a swap goes stale
+    wait = WebDriverWait(browser, 30, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,))
 
     def text(selector: str) -> str:
-        return str(browser.find_element(By.CSS_SELECTOR, selector).text)
+        return str(browser.execute_script(
+            "return document.querySelector(arguments[0]).innerText", selector))
 
     def card(label: str) -> str:
-        for element in browser.find_elements(By.CSS_SELECTOR, ".card"):
-            if element.find_element(By.CSS_SELECTOR, ".label").text == label:
-                return str(element.find_element(By.CSS_SELECTOR, ".value").text)
-        raise AssertionError(f"no card {label!r}")
+        """A card's value, read in one script run (atomic with respect to refreshes)."""
+        cards = browser.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('.card')].map("
+            "c => [c.querySelector('.label').innerText, c.querySelector('.value').innerText]))")
+        return str(cards[label])
+
+    def click(xpath: str) -> None:
+        for _ in range(10):
+            try:
+                browser.find_element(By.XPATH, xpath).click()
+                return
+            except StaleElementReferenceException:
+                continue
+        raise AssertionError(f"{xpath} kept going stale")
 
     # Overview: the demo's counts, both nodes seen, refreshed in place (no reload)
     browser.get(url)
@@ -140,8 +154,9 @@ def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -
     assert card("paused schedules") == "0"
     assert card("finished schedules") == "0"
     assert card("expired leases") == "0"
-    wait.until(lambda d: {"node-1", "node-2"} <= {
-        cell.text for cell in d.find_elements(By.CSS_SELECTOR, "table.nodes td:first-child")})
+    wait.until(lambda d: {"node-1", "node-2"} <= set(d.execute_script(
+        "return [...document.querySelectorAll('table.nodes td:first-child')]"
+        ".map(c => c.innerText)")))
     browser.execute_script("window.notReloaded = true; document.body.dataset.status = '';")
     wait.until(lambda d: d.execute_script("return document.body.dataset.status") == "200")
     assert browser.execute_script("return window.notReloaded") is True
@@ -159,25 +174,26 @@ def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -
 
     # Schedules and jobs pages render the demo's data
     browser.get(url + "schedules")
-    rows = {row.find_element(By.CSS_SELECTOR, "td code").text: row
-            for row in browser.find_elements(By.CSS_SELECTOR, "table.schedules tbody tr")}
+    rows = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('table.schedules tbody tr')]"
+        ".map(r => [r.querySelector('td code').innerText, r.innerText]))")
     assert sorted(rows) == ["cron", "slow", "tick"]
-    assert "every 1 s" in rows["tick"].text
+    assert "every 1 s" in rows["tick"]
     shoot(browser, tmp_path, "schedules")
     browser.get(url + "jobs?state=running")
-    wait.until(lambda d: "Running (" in d.find_element(By.CSS_SELECTOR, ".tabs").text)
+    wait.until(lambda d: "Running (" in text(".tabs"))
     shoot(browser, tmp_path, "jobs")
 
     # An action without the token is refused, and nothing changes
     browser.get(url + "schedules")
-    browser.find_element(By.CSS_SELECTOR, "tr:has(code) button[data-action=pause]")
     pause_tick = "//tr[td/code[text()='tick']]//button[@data-action='pause']"
-    browser.find_element(By.XPATH, pause_tick).click()
-    wait.until(lambda d: "Token required" in d.find_element(By.TAG_NAME, "h1").text)
+    click(pause_tick)
+    wait.until(lambda d: "Token required" in text("h1"))
     assert "log in first" in text(".problem .message")
     shoot(browser, tmp_path, "refused")
     browser.get(url + "schedules")
-    assert "active" in browser.find_element(By.XPATH, "//tr[td/code[text()='tick']]").text
+    tick_row = "//tr[td/code[text()='tick']]"
+    wait.until(lambda d: "active" in d.find_element(By.XPATH, tick_row).text)
 
     # With the token: log in, pause "tick"
     browser.get(url + "login?next=/schedules")
@@ -185,10 +201,8 @@ def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -
     browser.find_element(By.CSS_SELECTOR, ".login button").click()
     wait.until(lambda d: d.current_url.endswith("/schedules"))
     assert "actions enabled" in text("header .mode")
-    browser.find_element(By.XPATH, pause_tick).click()
-    wait.until(lambda d: "paused schedule 'tick'" in d.find_element(
-        By.CSS_SELECTOR, ".notice").text)
-    tick_row = "//tr[td/code[text()='tick']]"
+    click(pause_tick)
+    wait.until(lambda d: "paused schedule 'tick'" in text(".notice"))
     wait.until(lambda d: "paused" in d.find_element(By.XPATH, tick_row).text)
     assert browser.find_elements(By.XPATH, tick_row + "//button[@data-action='resume']")
     browser.get(url)

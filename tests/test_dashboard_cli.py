@@ -21,16 +21,17 @@ UNREACHABLE = "mongodb://admin:s3cret-pw@127.0.0.1:9/?serverSelectionTimeoutMS=3
 
 
 @pytest.mark.parametrize(("argv", "env", "message"), [
-    ([], {}, "error: --uri is required (or set $APSCHED_DASHBOARD_URI)"),
+    ([], {}, "--uri is required (or set $APSCHED_DASHBOARD_URI)"),
     (["--uri", "mongodb://h", "--port", "70000"], {},
-     "error: --port must be between 0 and 65535, not 70000"),
+     "argument --port: must be between 0 and 65535, not 70000"),
+    (["--uri", "mongodb://h", "--port", "http"], {}, "argument --port: 'http' is not a port"),
     (["--uri", "mongodb://h", "--refresh", "0.1"], {},
-     "error: --refresh must be at least 0.5 seconds, not 0.1"),
+     "--refresh must be at least 0.5 seconds, not 0.1"),
+    (["--uri", "mongodb://h", "--timeout", "0"], {}, "argument --timeout: must be a positive"),
     (["--uri", "mongodb://h", "--allow-actions"], {"APSCHED_DASHBOARD_TOKEN": "short"},
-     "error: $APSCHED_DASHBOARD_TOKEN is shorter than 16 characters"),
-    (["--uri", "mongodb://h", "--timeout", "0"], {},
-     "error: --timeout must be between 0.1 and 300 seconds, not 0"),
-    (["--uri", "mongodb://u:s3cret-pw@h:99999"], {}, "error: invalid MongoDB URI"),
+     "$APSCHED_DASHBOARD_TOKEN is shorter than 16 characters"),
+    (["--uri", "mongodb://u:s3cret-pw@h:99999"], {}, "invalid MongoDB URI"),
+    ([], {"APSCHED_DASHBOARD_URI": "mongodb://u:s3cret-pw@h:99999"}, "invalid MongoDB URI"),
 ])
 def test_bad_input(argv: list[str], env: dict[str, str], message: str,
                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +41,8 @@ def test_bad_input(argv: list[str], env: dict[str, str], message: str,
         monkeypatch.setenv(key, value)
     assert main(["dashboard", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(message), err
+    assert err.startswith("apsched-mongo dashboard: error: "), err
+    assert message in err, err
     assert len(err.strip().splitlines()) == 1
     assert "s3cret-pw" not in err
 
@@ -51,8 +53,14 @@ def test_port_taken(capsys: pytest.CaptureFixture[str]) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["dashboard", "--uri", "mongodb://h", "--port", str(port)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}:"), err
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"apsched-mongo dashboard: error: cannot listen on 127.0.0.1:{port}:"), err
+        # the demo checks its dashboard port before starting anything
+        assert main(["demo", "--dashboard", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("apsched-mongo demo: error: argument --dashboard: cannot listen "
+                              f"on 127.0.0.1:{port}:"), err
 
 
 @pytest.fixture
@@ -124,4 +132,5 @@ def test_without_the_extra(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setitem(sys.modules, "starlette", None)  # makes "import starlette" fail
     assert main(["dashboard", "--uri", "mongodb://h"]) == 2
     assert capsys.readouterr().err == (
-        "error: the dashboard needs its extra: pip install 'apsched-mongo[dashboard]'\n")
+        "apsched-mongo dashboard: error: the dashboard needs its extra: "
+        "pip install 'apsched-mongo[dashboard]'\n")

@@ -31,7 +31,7 @@ async def test_discards_a_queued_job_as_cancelled(started: Callable[..., Any]) -
     assert await store.get_jobs() == []
     [released] = broker.of_type(JobReleased)
     assert (released.job_id, released.outcome, released.task_id, released.schedule_id,
-            released.scheduler_id) == (job.id, JobOutcome.cancelled, "work", "nightly", "")
+            released.scheduler_id) == (job.id, JobOutcome.cancelled, "work", "nightly", "operator")
     result = await store.get_job_result(job.id)  # kept: whoever waits on it learns why
     assert result is not None and result.outcome is JobOutcome.cancelled
 

@@ -140,17 +140,23 @@ async def test_jobs_pages(cluster: tuple[KnownCluster, ClusterReader],
     assert rest.next_cursor is None
 
 
-async def test_future_document_shapes(backend: Backend,
-                                      cluster: tuple[KnownCluster, ClusterReader]) -> None:
-    """A schedule with a ``removal`` field is being removed; result markers are ignored."""
-    _, reader = cluster
+async def test_removals_and_releases_in_progress(
+    backend: Backend, cluster: tuple[KnownCluster, ClusterReader],
+) -> None:
+    """A schedule with a ``removal`` field is being removed; a job taken over for release
+    (``abandoned``) is no longer running; release markers in job_results are ignored."""
+    known, reader = cluster
     db = backend.db()
+    await db.get_collection("apsched_jobs").update_one(
+        {"_id": known.jobs["F3"].id}, {"$set": {"abandoned": True, "acquired_by": "node-2"}})
     await db.get_collection("apsched_schedules").update_one(
         {"_id": "active"}, {"$set": {"removal": "token"}})
     await db.get_collection("apsched_job_results").insert_one(
         {"_id": "marker", "marker": True, "finished_at": datetime.now(UTC)})
     overview = await reader.overview()
     assert (overview.schedules_active, overview.schedules_removing) == (1, 1)
+    assert (overview.running_jobs, overview.expired_job_leases) == (4, 0)
+    assert known.jobs["F3"].id not in {row.id for row in (await reader.jobs("running")).rows}
     rows = {row.id: row for row in (await reader.schedules()).rows}
     assert rows["active"].removing
 

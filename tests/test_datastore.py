@@ -84,7 +84,7 @@ async def test_add_get_replace_remove_task(started: Any) -> None:
     ]
 
 
-async def test_running_jobs_counts_the_slots_in_use(started: Any) -> None:
+async def test_running_jobs_counts_every_claimed_job(started: Any) -> None:
     store, _ = await started()
     await store.add_task(make_task(max_running_jobs=5))
     await store.add_task(make_task("unlimited"))
@@ -93,7 +93,7 @@ async def test_running_jobs_counts_the_slots_in_use(started: Any) -> None:
     await store.acquire_jobs("s1", LEASE, 3)
     assert (await store.get_task("task")).running_jobs == 2
     assert [(t.id, t.running_jobs) for t in await store.get_tasks()] == [
-        ("task", 2), ("unlimited", 0)]  # no limit, no slots to account for
+        ("task", 2), ("unlimited", 1)]
 
 
 # --- schedules -------------------------------------------------------------------------------

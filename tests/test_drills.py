@@ -31,10 +31,9 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apsched_mongo import MongoDBDataStore, ServerUnreachableError
 from apsched_mongo import _clock as clock_module
-from benchmarks.run import SharedLocalBroker
 from tests.conftest import Backend
 from tests.faults import FaultPlan, FaultyClient
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, SharedBroker
 
 try:
     from apsched_mongo.eventbroker import MongoDBEventBroker
@@ -115,7 +114,7 @@ async def run_fault_drill(backend: Backend, jobs: int, node_count: int, seed: in
 
     job_ids: list[UUID] = []
     async with AsyncExitStack() as stack:
-        broker = SharedLocalBroker()
+        broker = SharedBroker()
         await broker.start_shared(stack, quiet)
         on(broker, JobReleased, count_release)
         schedulers = await stack.enter_async_context(nodes(backend, node_count, broker, plan))
@@ -224,7 +223,8 @@ async def test_crashed_nodes_leases_expire_and_survivor_takes_over(backend: Back
         # clock offset was measured at start, so its "server now" moves with it)
         clock = FakeClock()
         store_b = MongoDBDataStore(backend.client(), database=backend.database,
-                                   local_clock=clock, retry_settings=FAST_RETRY)
+                                   local_clock=clock, monotonic_clock=clock.monotonic,
+                                   retry_settings=FAST_RETRY)
         broker_b = LocalEventBroker()
         released: list[JobReleased] = []
         abandoned = anyio.Event()
@@ -320,7 +320,7 @@ async def test_control_without_server_clock_the_fast_node_steals(
     """Negative control: the test above can fail. With each node trusting its own clock,
     the fast node sees the slow node's fresh lease as long expired."""
     monkeypatch.setattr(clock_module.ServerClock, "observe",
-                        lambda self, hello, sent_at, round_trip: None)
+                        lambda self, hello, round_trip: None)
     _, fast, fast_broker, _, _ = await skewed_pair(started)
     assert [s.id for s in await fast.acquire_schedules("fast", SKEW_LEASE, 10)] == ["s"]
     await fast.cleanup()
@@ -340,13 +340,15 @@ async def test_skewed_schedulers_run_each_job_once(backend: Backend) -> None:
             done.set()
 
     async with AsyncExitStack() as stack:
-        broker = SharedLocalBroker()
+        broker = SharedBroker()
         await broker.start_shared(stack, quiet)
         on(broker, JobReleased, on_release)
         schedulers = []
         for name, skew in (("slow", -SKEW_LEASE / 2), ("fast", SKEW_LEASE / 2)):
+            clock = FakeClock(skew)
             store = MongoDBDataStore(backend.client(), database=backend.database,
-                                     local_clock=FakeClock(skew), retry_settings=FAST_RETRY)
+                                     local_clock=clock, monotonic_clock=clock.monotonic,
+                                     retry_settings=FAST_RETRY)
             schedulers.append(await stack.enter_async_context(AsyncScheduler(
                 store, broker, identity=name, lease_duration=SKEW_LEASE,
                 cleanup_interval=NO_CLEANUP, logger=quiet)))

@@ -232,10 +232,12 @@ async def test_polling_delivers_an_event_that_becomes_visible_out_of_order(
     await fast.broker.publish(sentinel)
     assert await reader.inbox.wait_for(3) == [early, late, sentinel]  # no repeats
 
-    # The premise: "late" sorts before "early" by _id
+    # The premise: "late" sorts before "early" by _id and by created_at
     documents = await events_collection(backend).find({}).to_list(None)
-    by_task = {JSONSerializer().deserialize(d["payload"])["task_id"]: d for d in documents}
+    by_task = {JSONSerializer().deserialize(d["events"][0]["payload"])["task_id"]: d
+               for d in documents}
     assert by_task["late"]["_id"] < by_task["early"]["_id"]
+    assert by_task["late"]["created_at"] <= by_task["early"]["created_at"]
 
 
 @pytest.mark.anyio
@@ -258,6 +260,7 @@ async def test_polling_is_immune_to_node_clock_skew(start_node: StartNode) -> No
 async def test_a_new_node_does_not_replay_earlier_events(start_node: StartNode) -> None:
     a = await start_node()
     await a.broker.publish(job_added("before"))
+    await a.broker.flush()  # stored before the late joiner starts
     late_joiner = await start_node(mode="polling")
     await a.broker.publish(after := job_added("after"))
     assert await late_joiner.inbox.wait_for(1) == [after]
@@ -309,7 +312,8 @@ async def test_polling_survives_temporary_errors_and_stops_on_others(
 
 
 def listener_tasks(broker: MongoDBEventBroker) -> list[asyncio.Task[Any]]:
-    return [task for task in asyncio.all_tasks() if broker._node_id in task.get_name()]
+    return [task for task in asyncio.all_tasks()
+            if broker._node_id in task.get_name() and "listener" in task.get_name()]
 
 
 # --- configuration ----------------------------------------------------------------------------

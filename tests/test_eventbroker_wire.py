@@ -58,13 +58,24 @@ async def running(broker: MongoDBEventBroker) -> AsyncIterator[Inbox]:
             stop.set()
 
 
-def event_document(event: Event, node: str = "other-node") -> dict[str, Any]:
-    """An event document as another node's broker writes it."""
+def event_document(*events: Event, node: str = "other-node", seq: int = 1) -> dict[str, Any]:
+    """A document as another node's broker writes it: one or more events."""
     return {
-        "_id": ObjectId(), "node": node, "type": type(event).__name__,
-        "payload": JSONSerializer().serialize(event.marshal()),
-        "created_at": datetime.now(UTC),
+        "_id": ObjectId(), "node": node, "seq": seq, "created_at": datetime.now(UTC),
+        "events": [{"type": type(event).__name__,
+                    "payload": JSONSerializer().serialize(event.marshal())}
+                   for event in events],
     }
+
+
+def single_event_document(event: Event) -> dict[str, Any]:
+    """A document as version 0.1 wrote it: one event, at the top level."""
+    return {"_id": ObjectId(), "node": "old-node", "type": type(event).__name__,
+            "payload": JSONSerializer().serialize(event.marshal()),
+            "created_at": datetime.now(UTC)}
+
+
+MAJORITY = {"w": "majority", "wtimeout": 10_000}
 
 
 def token(n: int) -> dict[str, str]:
@@ -113,19 +124,22 @@ async def test_opens_an_inserts_only_change_stream_on_a_replica_set(wire: Wire) 
         assert broker.active_mode == "change_stream"
         create = next(r for r in wire.index_requests if r.command_name == "createIndexes")
         assert create["indexes"] == [
-            {"key": {"created_at": 1}, "name": "apsched_ttl", "expireAfterSeconds": 600}
+            {"key": {"created_at": 1}, "name": "apsched_ttl", "expireAfterSeconds": 600},
+            {"key": {"node": 1, "seq": 1}, "name": "apsched_node_seq"},
         ]
+        assert create["writeConcern"] == MAJORITY
 
 
 @pytest.mark.anyio
-async def test_scripted_event_reaches_the_subscriber_decoded(wire: Wire) -> None:
-    event = job_added()
+async def test_scripted_events_reach_the_subscriber_decoded_in_order(wire: Wire) -> None:
+    first, second, third = job_added("1"), job_added("2"), job_added("3")
     async with running(MongoDBEventBroker(wire.uri)) as inbox:
         await open_stream(wire)
-        (await wire.receives("getMore")).replies(
-            cursor_reply([change(1, event_document(event))], token(1))
-        )
-        assert await inbox.wait_for(1) == [event]
+        (await wire.receives("getMore")).replies(cursor_reply(
+            [change(1, event_document(first, second)), change(2, single_event_document(third))],
+            token(2),
+        ))
+        assert await inbox.wait_for(3) == [first, second, third]
 
 
 @pytest.mark.anyio
@@ -223,12 +237,12 @@ async def test_authorization_error_stops_the_listener_but_not_publishing(
         (await wire.receives("getMore")).replies(ok=0, code=13, errmsg="not authorized")
         await logs.wait_for(logging.ERROR, "stopped listening")
         await anyio.wait_all_tasks_blocked()
-        assert not [t for t in asyncio.all_tasks() if broker._node_id in t.get_name()]
+        assert not [t for t in asyncio.all_tasks()
+                    if broker._node_id in t.get_name() and "listener" in t.get_name()]
         assert "aggregate" not in wire.pending_commands()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(broker.publish, local)
-            (await wire.receives("insert")).replies(n=1)
+        await broker.publish(local)
+        (await wire.receives("insert")).replies(n=1)
         assert inbox.events == [local]
 
 
@@ -237,9 +251,9 @@ async def test_corrupt_documents_in_change_events_are_skipped(
     wire: Wire, logs: LogWatch
 ) -> None:
     event = job_added()
-    corrupt = dict(event_document(event), payload=b"{not json")
+    corrupt = dict(event_document(event), events=[{"type": "JobAdded", "payload": b"{not"}])
     foreign = {"_id": ObjectId(), "name": "somebody else's document"}
-    unknown_type = dict(event_document(event), type="NoSuchEvent")
+    unknown_type = dict(event_document(event), events=[{"type": "NoSuchEvent", "payload": b""}])
     async with running(MongoDBEventBroker(wire.uri)) as inbox:
         await open_stream(wire)
         batch = [change(1, corrupt), change(2, foreign), change(3, unknown_type),
@@ -259,55 +273,111 @@ async def test_unserializable_event_inserts_nothing(wire: Wire) -> None:
         await open_stream(wire)
         with pytest.raises(SerializationError):
             await broker.publish(unserializable_event())
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(broker.publish, good)
-            insert = await wire.receives("insert")  # the first insert on the wire
-            insert.replies(n=1)
+        await broker.publish(good)
+        insert = await wire.receives("insert")  # the first insert on the wire
+        insert.replies(n=1)
         (document,) = insert["documents"]
         assert document["node"] == broker._node_id
-        assert document["type"] == "JobAdded"
+        assert document["seq"] == 1
         assert isinstance(document["created_at"], datetime)
-        assert JobAdded.unmarshal(JSONSerializer().deserialize(document["payload"])) == good
+        [item] = document["events"]
+        assert item["type"] == "JobAdded"
+        assert JobAdded.unmarshal(JSONSerializer().deserialize(item["payload"])) == good
         assert inbox.events == [good]
 
 
 @pytest.mark.anyio
-async def test_standalone_server_is_polled(standalone_wire: Wire, logs: LogWatch) -> None:
+async def test_events_published_together_share_one_majority_insert(wire: Wire) -> None:
+    """While one document is being written, later events wait and go in the next one, in
+    publish order; every insert waits for a majority, whatever the URI says."""
+    broker = MongoDBEventBroker(wire.uri + "&w=1", publish_delay=0)
+    events = [job_added(str(n)) for n in range(5)]
+    async with running(broker):
+        await open_stream(wire)
+        await broker.publish(events[0])
+        first = await wire.receives("insert")  # in flight: the next events accumulate
+        for event in events[1:]:
+            await broker.publish(event)
+        first.replies(n=1)
+        second = await wire.receives("insert")
+        second.replies(n=1)
+        await broker.flush()
+    documents = [*first["documents"], *second["documents"]]
+    assert [document["seq"] for document in documents] == [1, 2]
+    assert [len(document["events"]) for document in documents] == [1, 4]
+    payloads = [item["payload"] for document in documents for item in document["events"]]
+    assert [JobAdded.unmarshal(JSONSerializer().deserialize(p)) for p in payloads] == events
+    assert first["writeConcern"] == second["writeConcern"] == MAJORITY
+
+
+def poll_clauses(find: Any) -> list[dict[str, Any]]:
+    query = find["filter"]
+    query = query["$and"][0] if "$and" in query else query
+    return list(query.get("$or", [query]))
+
+
+@pytest.mark.anyio
+async def test_standalone_server_is_polled_per_node_after_the_last_seq(
+    standalone_wire: Wire, logs: LogWatch
+) -> None:
+    """The poll asks each known node for what follows its last seq, and other nodes for
+    recent documents: its size follows the number of nodes, not the event rate."""
     wire = standalone_wire
-    event = job_added()
+    first, second = job_added("first"), job_added("second")
     broker = MongoDBEventBroker(wire.uri, poll_interval=0.01)
     async with running(broker) as inbox:
-        priming = await wire.receives("find")  # events that predate this node: not delivered
-        assert priming["filter"]["node"] == {"$ne": broker._node_id}
-        priming.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
-                                "firstBatch": [event_document(job_added("old"))]})
+        priming = await wire.receives("aggregate")  # where each node's documents end now
+        assert priming["pipeline"][1]["$group"]["seq"] == {"$first": "$seq"}
+        priming.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}", "firstBatch": [
+            {"_id": "old-node", "seq": 7, "created_at": datetime.now(UTC)}]})
         poll = await wire.receives("find")
-        assert "$gte" in poll["filter"]["created_at"]
-        poll.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
-                             "firstBatch": [event_document(event)]})
-        assert await inbox.wait_for(1) == [event]
+        assert poll_clauses(poll)[0] == {"node": "old-node", "seq": {"$gt": 7}}
+        assert poll_clauses(poll)[1]["node"] == {"$nin": ["old-node", broker._node_id]}
+        assert "$gte" in poll_clauses(poll)[1]["created_at"]
+        poll.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}", "firstBatch": [
+            event_document(first, node="old-node", seq=8)]})
+        assert await inbox.wait_for(1) == [first]
+
+        poll = await wire.receives("find")
+        assert poll_clauses(poll)[0] == {"node": "old-node", "seq": {"$gt": 8}}
+        poll.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}", "firstBatch": [
+            event_document(second, node="new-node", seq=1)]})
+        assert await inbox.wait_for(2) == [first, second]
+
+        poll = await wire.receives("find")
+        assert [clause["node"] for clause in poll_clauses(poll)] == [
+            "new-node", "old-node", {"$nin": ["new-node", "old-node", broker._node_id]}]
+        poll.replies(cursor={"id": 0, "ns": f"{DB}.{COLL}", "firstBatch": []})
         assert broker.active_mode == "polling"
-        assert "aggregate" not in wire.pending_commands()
+        assert "$changeStream" not in str(wire.pending_commands())
         assert any("polling" in m for m in logs.messages(logging.INFO))
+
+
+async def answer_priming(wire: Wire) -> None:
+    (await wire.receives("aggregate")).replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
+                                                       "firstBatch": []})
 
 
 @pytest.mark.anyio
 async def test_polling_can_be_forced_on_a_replica_set(wire: Wire) -> None:
     broker = MongoDBEventBroker(wire.uri, mode="polling")
     async with running(broker):
+        await answer_priming(wire)
         (await wire.receives("find")).replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
                                                       "firstBatch": []})
         assert broker.active_mode == "polling"
-        assert "aggregate" not in wire.pending_commands()
 
 
 @pytest.mark.anyio
 async def test_replica_set_without_change_streams_falls_back_to_polling(wire: Wire) -> None:
     broker = MongoDBEventBroker(wire.uri)
     async with running(broker):
-        (await wire.receives("aggregate")).replies(
+        change_stream = await wire.receives("aggregate")
+        assert "$changeStream" in change_stream["pipeline"][0]
+        change_stream.replies(
             ok=0, code=40573, errmsg="The $changeStream stage is only supported on replica sets"
         )
+        await answer_priming(wire)
         (await wire.receives("find")).replies(cursor={"id": 0, "ns": f"{DB}.{COLL}",
                                                       "firstBatch": []})
         assert broker.active_mode == "polling"

@@ -11,13 +11,17 @@ import pytest
 from apscheduler import (
     ConflictPolicy,
     Job,
+    JobAcquired,
+    JobAdded,
     JobOutcome,
     JobReleased,
     JobResult,
     RetrySettings,
     Schedule,
+    ScheduleAdded,
     ScheduleRemoved,
     Task,
+    TaskAdded,
 )
 from apscheduler.triggers.interval import IntervalTrigger
 from pymongo.errors import (
@@ -109,9 +113,11 @@ async def _faulty_store(backend: Any, plan: FaultPlan, stack: AsyncExitStack) ->
 
 
 async def test_lost_replies_lose_no_result_and_no_event(backend: Any) -> None:
-    plan = LoseFirstReply("apsched_jobs.delete_one", "apsched_job_results.insert_many",
+    plan = LoseFirstReply("apsched_jobs.insert_one", "apsched_jobs.find_one_and_update",
+                          "apsched_jobs.delete_one", "apsched_job_results.insert_many",
                           "apsched_job_results.find_one", "apsched_job_results.delete_one",
-                          "apsched_schedules.delete_one")
+                          "apsched_schedules.insert_one", "apsched_schedules.update_many",
+                          "apsched_schedules.delete_many", "apsched_tasks.find_one_and_update")
     async with AsyncExitStack() as stack:
         store, broker = await _faulty_store(backend, plan, stack)
         await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
@@ -127,5 +133,7 @@ async def test_lost_replies_lose_no_result_and_no_event(backend: Any) -> None:
 
     assert plan.pending == set()  # every reply above was lost once
     assert result is not None and result.return_value == 42
+    assert [type(e) for e in broker.events] == [
+        TaskAdded, JobAdded, JobAcquired, JobReleased, ScheduleAdded, ScheduleRemoved]
     assert [e.job_id for e in broker.of_type(JobReleased)] == [job.id]
     assert [e.schedule_id for e in broker.of_type(ScheduleRemoved)] == ["s"]

@@ -14,8 +14,9 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import Settings
@@ -25,11 +26,48 @@ TOKEN_ENV = "APSCHED_DASHBOARD_TOKEN"
 SERIALIZERS = ("pickle", "json", "cbor")
 
 
+def port_argument(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, not {port}")
+    return port
+
+
+def free_local_port_argument(text: str) -> int:
+    """A port free on 127.0.0.1 now (the demo binds it only after its schedulers start)."""
+    port = port_argument(text)
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
+    return port
+
+
+class FreeLocalPort(argparse.Action):
+    """``--dashboard [PORT]`` of the demo: the port, its default included, checked free."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, free_local_port_argument(str(values)))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument {option_string}: {exc}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--uri", default=os.environ.get(URI_ENV),
+    from .._cli import database_argument, positive_float, uri_argument
+
+    parser.add_argument("--uri", type=uri_argument, default=os.environ.get(URI_ENV),
                         help=f"MongoDB URI (default: ${URI_ENV}, which keeps a password off "
                              "the process list)")
-    parser.add_argument("--database", default="apscheduler")
+    parser.add_argument("--database", type=database_argument, default="apscheduler",
+                        help="the cluster's database (default: apscheduler)")
     parser.add_argument("--collection-prefix", default="apsched_",
                         help="the store's collection prefix (default: apsched_)")
     parser.add_argument("--events-collection", default="apsched_events",
@@ -38,16 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the serializer the cluster's store uses (default: pickle)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8800, help="port (default: 8800)")
+    parser.add_argument("--port", type=port_argument, default=8800,
+                        help="port (default: 8800; 0 picks a free one)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="another Host name the page is reached by (repeatable); "
                              "other Host headers are refused")
     parser.add_argument("--allow-actions", action="store_true",
                         help="enable pause/resume/run/remove/drop (needs the token printed "
                              f"at start, or ${TOKEN_ENV})")
-    parser.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
-                        help="how often open pages refresh (default: 2)")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--refresh", type=positive_float, default=2.0, metavar="SECONDS",
+                        help="how often open pages refresh (default: 2, at least 0.5)")
+    parser.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
                         help="how long a page waits for MongoDB before saying it is "
                              "unreachable (default: 5)")
 
@@ -56,23 +95,20 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
     """Validated settings and the token to print (None when it came from the environment)."""
     from apscheduler.abc import Serializer
 
+    from .._cli import CommandLineError
     from .._client import hosts_of, redact_uri
     from .app import MIN_TOKEN_LENGTH, Settings
     from .server import new_token
 
     if not args.uri:
-        raise ValueError(f"--uri is required (or set ${URI_ENV})")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
+        raise CommandLineError(f"--uri is required (or set ${URI_ENV})")
     if args.refresh < 0.5:
-        raise ValueError(f"--refresh must be at least 0.5 seconds, not {args.refresh:g}")
-    if not 0.1 <= args.timeout <= 300:
-        raise ValueError(f"--timeout must be between 0.1 and 300 seconds, not {args.timeout:g}")
+        raise CommandLineError(f"--refresh must be at least 0.5 seconds, not {args.refresh:g}")
     token, printed = None, None
     if args.allow_actions:
         token = os.environ.get(TOKEN_ENV)
         if token is not None and len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(f"${TOKEN_ENV} is shorter than {MIN_TOKEN_LENGTH} characters")
+            raise CommandLineError(f"${TOKEN_ENV} is shorter than {MIN_TOKEN_LENGTH} characters")
         if token is None:
             token = printed = new_token()
     serializer: Serializer
@@ -88,13 +124,17 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
     hosts = ["127.0.0.1", "localhost", *args.allowed_host]
     if args.host not in ("0.0.0.0", "::", ""):
         hosts.append(args.host)
-    settings = Settings(
-        database=args.database, collection_prefix=args.collection_prefix,
-        events_collection=args.events_collection, serializer=serializer,
-        allow_actions=args.allow_actions, token=token, allowed_hosts=tuple(dict.fromkeys(hosts)),
-        refresh_seconds=args.refresh, timeout=args.timeout,
-        where=", ".join(hosts_of(args.uri)) or redact_uri(args.uri), uri=args.uri,
-    )
+    try:
+        settings = Settings(
+            database=args.database, collection_prefix=args.collection_prefix,
+            events_collection=args.events_collection, serializer=serializer,
+            allow_actions=args.allow_actions, token=token,
+            allowed_hosts=tuple(dict.fromkeys(hosts)), refresh_seconds=args.refresh,
+            timeout=args.timeout, where=", ".join(hosts_of(args.uri)) or redact_uri(args.uri),
+            uri=args.uri,
+        )
+    except ValueError as exc:
+        raise CommandLineError(str(exc)) from None
     return settings, printed
 
 
@@ -106,33 +146,32 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._cli import CommandLineError
+
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        print("error: the dashboard needs its extra: pip install 'apsched-mongo[dashboard]'",
-              file=sys.stderr)
-        return 2
+        raise CommandLineError(
+            "the dashboard needs its extra: pip install 'apsched-mongo[dashboard]'") from None
     import anyio
 
     from .._client import create_client
-    from ..eventbroker import MongoDBEventBroker  # noqa: F401  (fail early if broken)
     from .app import Dashboard
     from .server import listening_socket, serve
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, printed_token = _settings(args)
     try:
-        settings, printed_token = _settings(args)
         client = create_client(args.uri)
+    except ValueError as exc:  # one line, password removed
+        raise CommandLineError(str(exc)) from None
+    try:
         sock = listening_socket(args.host, args.port)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 2
+        raise CommandLineError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
     def ready(url: str) -> None:
         print(f"apsched-mongo dashboard for {settings.where} (database {args.database!r}) "

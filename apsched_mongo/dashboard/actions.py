@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import attrs
-from apscheduler import ConflictPolicy, Job, Schedule
+from apscheduler import ConflictingIdError, ConflictPolicy, Job, Schedule
 from pymongo.errors import DuplicateKeyError
 
 from ..datastore import MongoDBDataStore
@@ -86,7 +86,7 @@ async def run_now(store: MongoDBDataStore, schedule_id: str, server_now: datetim
     )
     try:
         await store.add_job(job)
-    except DuplicateKeyError:
+    except (ConflictingIdError, DuplicateKeyError):
         return f"a run of schedule {schedule_id!r} was already queued from this page"
     return f"queued a run of schedule {schedule_id!r} now (job {job_id})"
 
@@ -98,9 +98,13 @@ async def remove(store: MongoDBDataStore, schedule_id: str, server_now: datetime
     return f"removed schedule {schedule_id!r}"
 
 
+#: The name a drop is released under (``JobReleased.scheduler_id``): not a node
+DROPPED_BY = "dashboard"
+
+
 async def drop(store: MongoDBDataStore, job_id: UUID) -> str:
     """``discard_job``: only a job no scheduler has claimed yet."""
-    if not await store.discard_job(job_id):
+    if not await store.discard_job(job_id, by=DROPPED_BY):
         raise ActionRefused(409, f"job {job_id} is no longer queued (a scheduler claimed it, "
                                  "or it finished or was dropped meanwhile)")
     return f"dropped queued job {job_id}"

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from .._client import redact
+from .._client import redact, unreachable
 from ..datastore import MongoDBDataStore
 from ..errors import ApschedMongoError
 from ..eventbroker import MongoDBEventBroker
@@ -89,7 +89,8 @@ class Dashboard:
         self.settings = settings
         self.reader = ClusterReader(client, settings.database, settings.serializer,
                                     settings.collection_prefix, settings.timeout)
-        self.outcomes = OutcomeLog(ignore_nodes={""})
+        # releases by an operator's discard_job are not a node's
+        self.outcomes = OutcomeLog(ignore_nodes={"", "operator", actions.DROPPED_BY})
         self.store: MongoDBDataStore | None = None
         self.link_error: str | None = "connecting to the cluster's event broker"
         #: set while linked to the cluster (replaced by a fresh event when the link is lost)
@@ -143,6 +144,8 @@ class Dashboard:
 
     def _describe(self, exc: BaseException) -> str:
         """One line about a MongoDB failure: no traceback, no topology dump, no password."""
+        if isinstance(exc, ConnectionFailure):  # where, how long, the likely cause
+            exc = unreachable(exc, self.client, self.settings.uri)
         text = str(exc).split(", Timeout:")[0].split("Topology Description:")[0].strip()
         text = text[:300] or type(exc).__name__
         return redact(text, self.settings.uri) if self.settings.uri else text

@@ -19,8 +19,8 @@ from apscheduler import JobAcquired, JobOutcome, JobReleased
 
 WINDOW = timedelta(hours=1)
 BUCKET = timedelta(minutes=1)
-#: Where releases without a scheduler (``discard_job``) are counted
-NO_NODE = "(no scheduler: dropped)"
+#: Where releases without any scheduler id are counted
+NO_NODE = "(no scheduler)"
 #: Plot order (and colour order) of the outcomes
 OUTCOMES = tuple(outcome.name for outcome in JobOutcome)
 

@@ -6,16 +6,18 @@ by default):
 
 * ``tasks``: ``{_id, max_running_jobs, state}``
 * ``schedules``: ``{_id, task_id, paused, next_fire_time, state, progress, acquired_by?,
-  acquired_until?, lease?, removal?}``. ``next_fire_time`` is a BSON date (milliseconds)
-  or null once the schedule is finished; the exact time is in the serialized ``progress``.
-  A schedule with a ``removal`` field is being removed. A lease is ``acquired_by`` (the
-  scheduler's identity) and ``acquired_until`` (server time).
+  acquired_until?, lease?, removal?, removal_at?}``. ``next_fire_time`` is a BSON date
+  (milliseconds) or null once the schedule is finished; the exact time is in the serialized
+  ``progress``. A schedule with a ``removal`` field is being removed. A lease is
+  ``acquired_by`` (the scheduler's identity) and ``acquired_until`` (server time).
 * ``jobs``: ``{_id (UUID), task_id, schedule_id, created_at, queue_order,
   scheduled_fire_time, result_expiration_time, state, acquired_by?, acquired_until?,
-  lease?, slot?}`` plus possibly more lease bookkeeping, which is ignored. A job is
-  *queued* while ``acquired_by`` is null or missing, *running* once a scheduler claimed it.
-* ``job_results`` and the broker's events collection are never read: outcomes come from
-  a broker subscription (:mod:`.outcomes`), which decodes event documents itself.
+  lease?, slot?, abandoned?}`` plus possibly more lease bookkeeping, which is ignored. A
+  job is *queued* while ``acquired_by`` is null or missing, *running* once a scheduler
+  claimed it, and neither once ``abandoned`` is set (a node took it over to release it).
+* ``job_results`` (results, and release markers ``{marker: true}``) and the broker's events
+  collection (several events per document) are never read: outcomes come from a broker
+  subscription (:mod:`.outcomes`), which decodes event documents itself.
 
 Serialized state (``state``, ``progress``) is decoded only by :func:`decode`, through the
 store's codec and the cluster's serializer.
@@ -23,8 +25,10 @@ store's codec and the cluster's serializer.
 Cost: every query is projected, limited and served by one of the store's indexes, and the
 aggregations stop after :data:`COUNT_CAP` documents, so a page view costs a fixed number
 of commands (:data:`COMMANDS_PER_VIEW`) whose work does not grow past the cap, whatever
-the collection sizes. The one exception is the schedule counts (``paused`` has no index):
-they read at most :data:`COUNT_CAP` schedule documents.
+the collection sizes. The exceptions both read the schedules collection (configuration, not
+a queue): the schedule counts (``paused`` has no index) read at most :data:`COUNT_CAP`
+schedules, and a search matches task ids without an index (the store needs none on
+``schedules.task_id``); the page's timeout bounds it on the server too (``maxTimeMS``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ COMMANDS_PER_VIEW = {"overview": 6, "schedules": 2, "jobs": 4, "outcomes": 0}
 
 JobState = Literal["queued", "running"]
 _QUEUED: dict[str, Any] = {"acquired_by": None}
-_RUNNING: dict[str, Any] = {"acquired_by": {"$ne": None}}
+#: claimed by a scheduler, and not taken over for release (``abandoned``)
+_RUNNING: dict[str, Any] = {"acquired_by": {"$ne": None}, "abandoned": {"$exists": False}}
 _JOB_ORDER = [("queue_order", ASCENDING), ("_id", ASCENDING)]
 _SCHEDULE_FIELDS = ["task_id", "paused", "next_fire_time", "state", "progress",
                     "acquired_by", "acquired_until", "removal"]
@@ -273,7 +278,7 @@ class ClusterReader:
     async def schedules(self, search: str = "", after: str | None = None,
                         before: str | None = None) -> Page[ScheduleRow]:
         """A page of schedules in id order, matching ``search`` as a prefix of the schedule
-        id or the task id (prefixes keep the ``_id`` and ``task_id`` indexes usable)."""
+        id (the ``_id`` index) or of the task id (no index: see the module's docstring)."""
         if len(search) > MAX_SEARCH:
             raise BadRequest(f"search text longer than {MAX_SEARCH} characters")
         for name, value in (("after", after), ("before", before)):
