@@ -32,7 +32,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import anyio
@@ -48,6 +48,8 @@ FINISHED_MEMORY = 10_000
 #: events a broker lost, e.g. after its change stream history rolled over)
 AUDIT_INTERVAL = 60.0
 _UNLIMITED = 10**9
+#: Documents of this node's own waiting jobs are kept while fewer than this many wait
+KEEP_DOCUMENTS = 1000
 
 
 @attrs.define
@@ -58,6 +60,8 @@ class Waiting:
     order: int  # queue order (for another node's announced job: an estimate)
     heard: float  # when this node learned of it (monotonic seconds)
     local: bool  # announced by this node
+    #: the stored document, for a job this node added (a claim then needs no read back)
+    document: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -91,6 +95,8 @@ class QueueView:
         self.limits: dict[str, int | None] = {}
         #: task id -> {job id -> until when we believe it runs (monotonic; inf: ours)}
         self.running: dict[str, dict[UUID, float]] = {}
+        #: task id -> when its running jobs were last read exactly (events keep them since)
+        self.tracked: dict[str, float] = {}
         #: task id -> (when a slot was freed, freed by this node)
         self.freed: dict[str, tuple[float, bool]] = {}
         self.workers: dict[str, float] = {}
@@ -114,16 +120,19 @@ class QueueView:
             self._during_read.append(change)
         self._touch()
 
-    def job_added(self, job_id: UUID, task_id: str, order: int, *, local: bool) -> None:
+    def job_added(self, job_id: UUID, task_id: str, order: int, *, local: bool,
+                  document: dict[str, Any] | None = None) -> None:
         """``order``: the job's queue order, or for another node's job an estimate (its
         ``JobAdded`` does not carry the creation time)."""
         heard = self.clock()
+        if len(self.waiting) >= KEEP_DOCUMENTS:
+            document = None
 
         def change() -> None:
             # Behind jobs of a task not read to the end, a new one would jump the queue
             if (job_id not in self._finished and job_id not in self.waiting
                     and task_id not in self.partial):
-                self.waiting[job_id] = Waiting(task_id, order, heard, local)
+                self.waiting[job_id] = Waiting(task_id, order, heard, local, document)
         self._apply(change)
 
     def job_acquired(self, job_id: UUID, task_id: str, scheduler_id: str, *,
@@ -169,6 +178,10 @@ class QueueView:
     def learn_limit(self, task_id: str, limit: int | None) -> None:
         self.limits[task_id] = limit
 
+    def document_of(self, job_id: UUID) -> dict[str, Any] | None:
+        waiting = self.waiting.get(job_id)
+        return waiting.document if waiting else None
+
     def claim_lost(self, job_id: UUID) -> None:
         """A direct claim found the job gone or taken: stop believing it waits."""
         self.waiting.pop(job_id, None)
@@ -176,6 +189,12 @@ class QueueView:
     def slot_taken(self, task_id: str) -> None:
         """A direct claim met the unique slot index: someone we did not hear of runs it."""
         self.running.setdefault(task_id, {})[UUID(int=0)] = self.clock() + self.lease_seconds
+        self.tracked.pop(task_id, None)
+
+    def idle(self) -> bool:
+        """No job is known to wait, and none can be unknown: a job added now is next."""
+        return (self.trusted and self.complete and not self.waiting and not self.partial
+                and self.clock() - self.read_at <= AUDIT_INTERVAL)
 
     def forget_everything(self) -> None:
         """Read again before trusting the picture (after a cleanup)."""
@@ -209,16 +228,31 @@ class QueueView:
             self.waiting[job_id] = Waiting(task_id, order, before.heard if before else now,
                                            before.local if before else False)
         for task_id, holders in running.items():
-            known = self.running.get(task_id, {})
-            self.running[task_id] = {
-                job_id: known.get(job_id, now + self.lease_seconds) for job_id in holders
-            }
+            self.track(task_id, holders)
         self.complete = complete and self.trusted
         self.partial = set(partial)
         replay, self._during_read = self._during_read, []
         for change in replay:
             change()
         self._touch()
+
+    def track(self, task_id: str, holders: Iterable[UUID]) -> None:
+        """The jobs of ``task_id`` running now, as just read from the database."""
+        now = self.clock()
+        known = self.running.get(task_id, {})
+        self.running[task_id] = {
+            job_id: known.get(job_id, now + self.lease_seconds) for job_id in holders
+        }
+        self.tracked[task_id] = now
+
+    def running_jobs(self, task_id: str) -> int | None:
+        """How many jobs of the task run, if this node can tell without a read: it read
+        them within :data:`AUDIT_INTERVAL` and has heard every change since (its own, and
+        other nodes' through a broker that carries their events)."""
+        if not self.trusted or self.clock() - self.tracked.get(task_id, -math.inf) > (
+                AUDIT_INTERVAL):
+            return None
+        return len(self.running.get(task_id, {}))
 
     def abort_read(self) -> None:
         self._reading = False
@@ -231,15 +265,42 @@ class QueueView:
         """(jobs of the task that may start now by what we believe, when the earliest
         belief that one of its jobs runs expires)."""
         limit = self.limits.get(task_id, UNKNOWN)
-        holders = self.running.get(task_id, {})
-        for job_id in [job_id for job_id, until in holders.items() if until <= now]:
-            del holders[job_id]
-        expires = min(holders.values(), default=math.inf)
         if limit is None:
-            return _UNLIMITED, expires
+            return _UNLIMITED, math.inf
+        holders = self.running.get(task_id, {})
+        expired = [job_id for job_id, until in holders.items() if until <= now]
+        for job_id in expired:  # a JobReleased we never heard: stop believing it runs
+            del holders[job_id]
+        if expired:
+            self.tracked.pop(task_id, None)
+        expires = min(holders.values(), default=math.inf)
         if limit == UNKNOWN:
             return 1, expires  # a read will tell; worth one
         return max(limit - len(holders), 0), expires
+
+    def next_local(self, released: UUID, task_id: str) -> tuple[dict[str, Any], int | None] | None:
+        """The oldest waiting job this node added (its document known) that could start
+        once ``released`` (of ``task_id``) stops running, with the slot it would take."""
+        now = self.clock()
+        holders = self.running.get(task_id, {})
+        until = holders.pop(released, None)
+        try:
+            room: dict[str, int] = {}
+            for waiting in sorted(self.waiting.values(), key=lambda w: w.order):
+                if waiting.task_id not in room:
+                    room[waiting.task_id] = self._room(waiting.task_id, now)[0]
+                    if self.limits.get(waiting.task_id, UNKNOWN) not in (None, 1):
+                        room[waiting.task_id] = 0  # free slot numbers unknown: read
+                if not room[waiting.task_id]:
+                    continue
+                if waiting.document is None:
+                    return None  # the next in line is another node's: the normal path
+                slot = None if self.limits[waiting.task_id] is None else 0
+                return waiting.document, slot
+            return None
+        finally:
+            if until is not None:
+                holders[released] = until
 
     def _rank(self, job_id: UUID, identity: str, now: float) -> int:
         for worker in [w for w, seen in self.workers.items() if now - seen > WORKER_TTL]:

@@ -43,6 +43,9 @@ class CollectionRule:
     writes_by_id: bool = False
     #: field lists of the unique indexes we create on it
     unique_indexes: tuple[tuple[str, ...], ...] = ()
+    #: fields that every single-document write and findAndModify filters on besides _id
+    #: (a shard key made of them targets one shard)
+    also_filtered: tuple[str, ...] = ()
 
 
 #: by collection name without the prefix; ``events`` is the broker's collection
@@ -63,14 +66,14 @@ RULES: dict[str, CollectionRule] = {
     ),
     "jobs": CollectionRule(
         operations="insert; aggregate queue head ($lookup tasks and jobs); findAndModify "
-                   "and updateOne claims by _id; delete by _id and lease; update_many and "
-                   "delete_many by lease token; distinct schedule_id; unique index "
-                   "(task_id, slot)",
+                   "and updateOne claims by _id and task_id; delete by _id, task_id and "
+                   "lease; update_many and delete_many by lease token; distinct "
+                   "schedule_id; unique index (task_id, slot)",
         advice="leave unsharded (it holds only pending and running jobs); if you must, "
-               "{task_id: 1} on 7.1 or newer, and expect claims and releases to reach "
-               "every shard",
+               "{task_id: 1} on 5.1 or newer: claims and releases name the task, so each "
+               "reaches one shard",
         find_and_modify_by_id=True, lookup_from=True, writes_by_id=True,
-        unique_indexes=(("task_id", "slot"),),
+        unique_indexes=(("task_id", "slot"),), also_filtered=("task_id",),
     ),
     "job_results": CollectionRule(
         operations="insert_many; find and delete by _id; delete_many by expires_at; TTL "
@@ -121,7 +124,8 @@ def judge(rule: CollectionRule, key: Mapping[str, Any], version: Version) -> Ver
     """Check a collection sharded on ``key``, on a cluster of server ``version``."""
     fields = tuple(key)
     hashed = any(value == "hashed" for value in key.values())
-    on_id = fields == ("_id",)
+    # Single-document writes and findAndModify name every field of the shard key
+    on_id = fields == ("_id",) or (bool(fields) and set(fields) <= set(rule.also_filtered))
     problems: list[str] = []
     warnings: list[str] = []
     if rule.lookup_from and version < LOOKUP_FROM_SHARDED:

@@ -43,7 +43,7 @@ from apscheduler import (
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.datastores.base import BaseExternalDataStore
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DeleteOne, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteConcernError
 
 from . import _codec
@@ -59,7 +59,7 @@ from ._client import (
 from ._clock import ServerClock, utc_now
 from ._indexes import IndexSpec, ensure_indexes
 from ._names import check_collection_prefix, check_database_name
-from ._queue_view import QueueView
+from ._queue_view import UNKNOWN, QueueView
 from ._retry import retrying
 from ._validators import positive, positive_or_zero
 from .errors import IncompatibleDataError
@@ -202,6 +202,12 @@ class MongoDBDataStore(BaseExternalDataStore):
     _acquiring: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
     #: job id -> the lease token this store claimed it with
     _leases: dict[UUID, str] = attrs.field(init=False, factory=dict)
+    #: jobs claimed by the write that added them, not yet handed to the scheduler
+    _preclaimed: dict[UUID, dict[str, Any]] = attrs.field(init=False, factory=dict)
+    #: (scheduler id, lease duration) of the scheduler taking jobs from this store, and how
+    #: many more it could take by what it last asked for and what it released since
+    _worker: tuple[str, timedelta] | None = attrs.field(init=False, default=None)
+    _spare: int = attrs.field(init=False, default=0)
     #: task id -> (monotonic time read, task document), forgotten on TaskUpdated/Removed
     _task_documents: dict[str, tuple[float, dict[str, Any]]] = attrs.field(
         init=False, factory=dict
@@ -278,7 +284,9 @@ class MongoDBDataStore(BaseExternalDataStore):
                     return True
             try:
                 await collection.insert_one(document)
-            except DuplicateKeyError:
+            except DuplicateKeyError as exc:
+                if not _duplicate_id(exc):
+                    raise  # another unique index: the caller decides
                 return False
             return True
 
@@ -338,6 +346,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         self._task_documents.clear()
         self._task_grants.clear()
         self._leases.clear()
+        self._preclaimed.clear()
+        self._worker, self._spare = None, 0
         self._view = QueueView(self.monotonic_clock, self.claim_grace,
                                trusted=carries_remote_events(event_broker))
         exit_stack.enter_context(event_broker.subscribe(
@@ -348,6 +358,7 @@ class MongoDBDataStore(BaseExternalDataStore):
             self._client = create_client(self._uri)
             exit_stack.push_async_callback(self._client.close)
             self._bind(self._client)
+        exit_stack.push_async_callback(self._return_preclaimed)  # before the client closes
 
         started = self.monotonic_clock()
         hello = await ping(self._client, self._uri)
@@ -456,9 +467,10 @@ class MongoDBDataStore(BaseExternalDataStore):
         ])
         tasks = []
         for document in documents:
-            running = len(document.pop("running"))
+            running = [job["_id"] for job in document.pop("running")]
             self._learn_task(document)
-            tasks.append(_codec.decode_task(document, self.serializer, running))
+            self._view.track(document["_id"], running)
+            tasks.append(_codec.decode_task(document, self.serializer, len(running)))
         return tasks
 
     def _learn_task(self, document: dict[str, Any]) -> None:
@@ -466,20 +478,25 @@ class MongoDBDataStore(BaseExternalDataStore):
         self._view.learn_limit(document["_id"], document.get("max_running_jobs"))
 
     async def get_task(self, task_id: str) -> Task:
-        """One round trip, or none when this store knows the answer exactly: while it holds
-        the only slot of a task limited to one running job, ``running_jobs`` is 1; and the
-        lookup APScheduler makes for each job it has just claimed is answered by the claim
-        (with the running jobs seen then), until anything changes that count or
-        :data:`TASK_CACHE_SECONDS` pass (APScheduler asks at once). The definition
-        comes from this store's last read of it, kept until another node's TaskUpdated or
-        TaskRemoved (or, with a broker that carries no other nodes' events, for
-        :data:`TASK_CACHE_SECONDS`)."""
+        """The task, with ``running_jobs`` counted; one round trip at most.
+
+        No round trip when this store can tell without one: with a broker that carries
+        other nodes' events (see :func:`carries_remote_events`), the definition is the
+        last one read, kept current by TaskUpdated/TaskRemoved events, and the running
+        jobs are those read at most a minute ago, kept current by this node's own claims
+        and releases and by other nodes' JobAcquired/JobReleased events. While this store
+        holds the only slot of a task limited to one running job, ``running_jobs`` is 1
+        whatever any event says. Otherwise (a broker without other nodes' events) the
+        lookup APScheduler makes for each job it has just claimed is answered by the
+        claim, for :data:`TASK_CACHE_SECONDS`."""
         now = monotonic()
         if known := self._task_documents.get(task_id):
             read_at, document = known
             if self._view.trusted or now - read_at < TASK_CACHE_SECONDS:
                 if document.get("max_running_jobs") == 1 and self._holds_a_job_of(task_id):
                     return _codec.decode_task(document, self.serializer, 1)
+                if (running := self._view.running_jobs(task_id)) is not None:
+                    return _codec.decode_task(document, self.serializer, running)
                 grants = [grant for grant in self._task_grants.get(task_id, ())
                           if now - grant[0] < TASK_CACHE_SECONDS]
                 if grants:
@@ -702,14 +719,62 @@ class MongoDBDataStore(BaseExternalDataStore):
     # --- jobs -------------------------------------------------------------------------------
 
     async def add_job(self, job: Job) -> None:
+        """Insert the job. When this node's scheduler has room and no other job waits, the
+        insert also claims the job for it (one write instead of two); the scheduler gets
+        it from its next :meth:`acquire_jobs`, woken by the ``JobAdded`` event."""
         document = _codec.encode_job(job, self.serializer)
-        if not await self._insert_once("add_job", self._jobs, document,
-                                       seen=lambda: self._view.has_seen(job.id)):
+        claim = await self._claim_on_insert(job)
+        seen = partial(self._view.has_seen, job.id)
+        try:
+            inserted = await self._insert_once("add_job", self._jobs, {**document, **claim},
+                                               seen=seen)
+        except DuplicateKeyError:  # the slot: a job we had not heard of runs the task
+            self._view.slot_taken(job.task_id)
+            claim = {}
+            inserted = await self._insert_once("add_job", self._jobs, document, seen=seen)
+        if not inserted:
             raise ConflictingIdError(str(job.id))  # type: ignore[no-untyped-call]
-        self._view.job_added(job.id, job.task_id, document["queue_order"], local=True)
+        if claim:
+            self._hold_claimed({**document, **claim}, claim["acquired_by"])
+        else:
+            self._view.job_added(job.id, job.task_id, document["queue_order"], local=True,
+                                 document=document)
         await self._publish(
             JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
         )
+
+    async def _claim_on_insert(self, job: Job) -> dict[str, Any]:
+        """The claim fields for a job this node adds, if it may claim it at once: its
+        scheduler has room, no job waits (so none is overtaken), and the task has no
+        limit, or a limit of one that nobody is known to hold."""
+        if self._worker is None or self._spare < 1 or not self._view.idle():
+            return {}
+        limit = self._view.limits.get(job.task_id, UNKNOWN)
+        if limit not in (None, 1) or (limit == 1 and self._view.running.get(job.task_id)):
+            return {}
+        scheduler_id, lease_duration = self._worker
+        claim: dict[str, Any] = {
+            "acquired_by": scheduler_id,
+            "acquired_until": await self._server_now() + lease_duration,
+            "lease": uuid4().hex,
+        }
+        if limit == 1:
+            claim["slot"] = 0
+        return claim
+
+    async def _return_preclaimed(self) -> None:
+        """At shutdown, unclaim the jobs claimed on insert that the scheduler never took,
+        so another node runs them now rather than as abandoned after their lease."""
+        if not self._preclaimed:
+            return
+        leases = [self._leases.pop(job_id) for job_id in self._preclaimed]
+        ids = list(self._preclaimed)
+        self._preclaimed.clear()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._run("returning jobs claimed on insert", lambda: self._jobs.update_many(
+                {"_id": {"$in": ids}, "lease": {"$in": leases}},
+                {"$unset": {"acquired_by": "", "acquired_until": "", "lease": "", "slot": ""}},
+            ))
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         query = {} if ids is None else {"_id": {"$in": list(ids)}}
@@ -724,26 +789,41 @@ class MongoDBDataStore(BaseExternalDataStore):
         first gets :attr:`claim_grace` to claim them (see :mod:`._queue_view`)."""
         self._view.lease_seconds = lease_duration.total_seconds()
         room = limit if limit is not None else 10**9
+        self._worker, self._spare = (scheduler_id, lease_duration), room
         async with self._acquiring:
-            while True:
-                plan = self._view.plan(scheduler_id, room)
-                if plan.action == "skip":
-                    return []
-                if plan.action == "wait":
-                    with anyio.move_on_after(plan.delay):
-                        await self._view.changed.wait()
-                    continue
-                server_now = await self._server_now()
-                lease = uuid4().hex
-                claim = {"acquired_by": scheduler_id,
-                         "acquired_until": server_now + lease_duration, "lease": lease}
-                if plan.action == "claim":
-                    claimed = await self._claim_by_id(plan.jobs, claim)
-                    if claimed is None:
-                        continue  # the picture was stale: plan again
-                else:
-                    claimed = await self._read_and_claim(limit, claim)
-                return await self._start_claimed(scheduler_id, claimed)
+            acquired = await self._acquire(scheduler_id, lease_duration, limit, room)
+        self._spare = room - len(acquired)
+        return acquired
+
+    async def _acquire(self, scheduler_id: str, lease_duration: timedelta, limit: int | None,
+                       room: int) -> list[Job]:
+        handed: list[dict[str, Any]] = []
+        while True:
+            # Jobs this store claimed while adding or releasing others come first
+            for job_id, document in list(self._preclaimed.items()):
+                if len(handed) < room and document["acquired_by"] == scheduler_id:
+                    handed.append(self._preclaimed.pop(job_id))
+            if len(handed) == room:
+                return await self._start_claimed(scheduler_id, handed)
+            plan = self._view.plan(scheduler_id, room - len(handed))
+            if plan.action == "skip" or (plan.action == "wait" and handed):
+                return await self._start_claimed(scheduler_id, handed)
+            if plan.action == "wait":
+                with anyio.move_on_after(plan.delay):
+                    await self._view.changed.wait()
+                continue
+            server_now = await self._server_now()
+            lease = uuid4().hex
+            claim = {"acquired_by": scheduler_id,
+                     "acquired_until": server_now + lease_duration, "lease": lease}
+            if plan.action == "claim":
+                claimed = await self._claim_by_id(plan.jobs, claim)
+                if claimed is None:
+                    continue  # the picture was stale: plan again
+            else:
+                claimed = await self._read_and_claim(
+                    None if limit is None else limit - len(handed), claim)
+            return await self._start_claimed(scheduler_id, handed + claimed)
 
     async def _claim_by_id(self, jobs: Sequence[tuple[UUID, str, int | None]],
                            claim: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -756,7 +836,9 @@ class MongoDBDataStore(BaseExternalDataStore):
             [(job_id, task_id, fields)] = requests
             document = await self._claim_one(job_id, task_id, fields)
             return [document] if document else None
-        won = await self._claim_many(requests, claim["lease"])
+        known = {job_id: document for job_id, _, _ in requests
+                 if (document := self._view.document_of(job_id)) is not None}
+        won = await self._claim_many(requests, claim["lease"], known)
         won_ids = {document["_id"] for document in won}
         for job_id, _, _ in requests:
             if job_id not in won_ids:
@@ -768,7 +850,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         async def claim(retrying: bool) -> dict[str, Any] | None:
             try:
                 document: dict[str, Any] | None = await self._jobs.find_one_and_update(
-                    {"_id": job_id, "acquired_by": None}, {"$set": fields},
+                    {"_id": job_id, "task_id": task_id, "acquired_by": None}, {"$set": fields},
                     return_document=ReturnDocument.AFTER,
                 )
             except DuplicateKeyError:
@@ -785,19 +867,26 @@ class MongoDBDataStore(BaseExternalDataStore):
         return document
 
     async def _claim_many(self, requests: Sequence[tuple[UUID, str, dict[str, Any]]],
-                          lease: str) -> list[dict[str, Any]]:
+                          lease: str, known: dict[UUID, dict[str, Any]]) -> list[dict[str, Any]]:
         """Per-document conditional claims in one bulk write (no ``UpdateMany``, so the
-        driver can retry it with a ``txnNumber``), then the documents the lease token won."""
-        updates = [UpdateOne({"_id": job_id, "acquired_by": None}, {"$set": fields})
-                   for job_id, _, fields in requests]
+        driver can retry it with a ``txnNumber``). When every claim won at the first
+        attempt and every document is ``known`` (jobs are immutable but for their lease),
+        that is what we own; otherwise the documents the lease token won are read back."""
+        updates = [UpdateOne({"_id": job_id, "task_id": task_id, "acquired_by": None},
+                             {"$set": fields})
+                   for job_id, task_id, fields in requests]
 
-        async def claim_all() -> None:
+        async def claim_all(retrying: bool) -> int:
             try:
-                await self._jobs.bulk_write(updates, ordered=False)
+                result = await self._jobs.bulk_write(updates, ordered=False)
             except BulkWriteError as exc:
                 _raise_unless_duplicates(exc)  # lost races for a slot are expected
+                return -1
+            return -1 if retrying else int(result.modified_count)
 
-        await self._run("acquire_jobs", claim_all)
+        won = await self._run_with_retry_flag("acquire_jobs", claim_all)
+        if won == len(requests) and all(job_id in known for job_id, _, _ in requests):
+            return [{**known[job_id], **fields} for job_id, _, fields in requests]
         return await self._find("acquire_jobs", self._jobs, {"lease": lease}, sort=JOB_ORDER)
 
     async def _read_and_claim(self, limit: int | None,
@@ -840,7 +929,8 @@ class MongoDBDataStore(BaseExternalDataStore):
             if won := await self._claim_one(job_id, task_id, fields):
                 claimed = [won]
         elif chosen:
-            claimed = await self._claim_many(chosen, claim["lease"])
+            claimed = await self._claim_many(chosen, claim["lease"],
+                                             {doc["_id"]: doc for doc in candidates})
         # Jobs we tried and lost were claimed by others meanwhile: not waiting either
         gone = {job_id for job_id, _, _ in chosen}
         self._view.end_read(
@@ -925,7 +1015,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         await self._publish_all(JobAcquired.from_job(job, scheduler_id=scheduler_id)
                                 for job in acquired)
         for document, result, decoded in discarded:
-            if await self._release_owned(document["_id"], scheduler_id, "acquire_jobs"):
+            if await self._release_owned(document["_id"], document["task_id"], scheduler_id,
+                                         "acquire_jobs"):
                 await self._finish_release(document, result, scheduler_id, decoded)
         return acquired
 
@@ -955,27 +1046,64 @@ class MongoDBDataStore(BaseExternalDataStore):
 
         await self._run("store job results", insert)
 
-    async def _release_owned(self, job_id: UUID, scheduler_id: str, what: str) -> bool:
-        """Delete a job this node holds; True if this call released it. The delete is the
-        commit point. If the reply of an attempt was lost, a node that took the job over
-        as abandoned leaves a marker: no marker means our earlier attempt deleted it."""
+    def _owned(self, job_id: UUID, task_id: str, scheduler_id: str) -> dict[str, Any]:
+        """The filter matching a job only while this node still holds it (with the task id:
+        the shard key, where jobs are sharded)."""
         lease = self._leases.pop(job_id, None)
-        owned: dict[str, Any] = {"_id": job_id}
         if lease is not None:
-            owned["lease"] = lease
-        else:  # claimed through another store instance: whoever holds it in our name
-            owned["acquired_by"] = {"$in": [scheduler_id, None]}
-            owned["abandoned"] = {"$exists": False}
+            return {"_id": job_id, "task_id": task_id, "lease": lease}
+        # Claimed through another store instance: whoever holds it in our name
+        return {"_id": job_id, "task_id": task_id,
+                "acquired_by": {"$in": [scheduler_id, None]}, "abandoned": {"$exists": False}}
+
+    async def _deleted_by_us(self, job_id: UUID) -> bool:
+        """After a lost reply, whether our delete of a job we held landed: a node that took
+        the job over as abandoned leaves a marker; no marker means we deleted it."""
+        marker = await self._results.find_one({"_id": _release_marker_id(job_id)},
+                                              projection={"_id": True})
+        return marker is None
+
+    async def _release_owned(self, job_id: UUID, task_id: str, scheduler_id: str,
+                             what: str) -> bool:
+        """Delete a job this node holds; True if this call released it. The delete is the
+        commit point; the server's answer (or, after a lost reply, the absence of a
+        takeover marker) decides, never the attempt count."""
+        owned = self._owned(job_id, task_id, scheduler_id)
 
         async def delete(retrying: bool) -> bool:
             outcome = await self._jobs.delete_one(owned)
             if outcome.deleted_count or not retrying:
                 return bool(outcome.deleted_count)
-            marker = await self._results.find_one({"_id": _release_marker_id(job_id)},
-                                                  projection={"_id": True})
-            return marker is None
+            return await self._deleted_by_us(job_id)
 
         return await self._run_with_retry_flag(what, delete)
+
+    async def _release_and_claim(self, scheduler_id: str, job: Job, follower: UUID,
+                                 follower_task: str, fields: dict[str, Any]
+                                 ) -> tuple[bool, bool]:
+        """Release ``job`` and claim ``follower`` (a job this node added, whose document it
+        knows) in one ordered bulk write: the delete frees the slot the claim may take.
+        Returns (released, claimed), each decided like its single-write twin."""
+        owned = self._owned(job.id, job.task_id, scheduler_id)
+        requests = [DeleteOne(owned),
+                    UpdateOne({"_id": follower, "task_id": follower_task, "acquired_by": None},
+                              {"$set": fields})]
+
+        async def write(retrying: bool) -> tuple[bool, bool]:
+            try:
+                result = await self._jobs.bulk_write(requests, ordered=True)
+                deleted, claimed = result.deleted_count, result.modified_count
+            except BulkWriteError as exc:  # the claim met a taken slot
+                _raise_unless_duplicates(exc)
+                deleted, claimed = exc.details.get("nRemoved", 0), 0
+            if retrying:
+                deleted = deleted or await self._deleted_by_us(job.id)
+                claimed = claimed or await self._jobs.find_one(
+                    {"_id": follower, "lease": fields["lease"]}, projection={"_id": True}
+                ) is not None
+            return bool(deleted), bool(claimed)
+
+        return await self._run_with_retry_flag("release_job", write)
 
     def _released_here(self, job_id: UUID, task_id: str, scheduler_id: str | None) -> None:
         self._task_grants.pop(task_id, None)
@@ -988,7 +1116,24 @@ class MongoDBDataStore(BaseExternalDataStore):
         await self._publish(self._released_event(document, result, scheduler_id, job))
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
-        if not await self._release_owned(job.id, scheduler_id, "release_job"):
+        """Delete the job (the commit point), store its result, publish ``JobReleased``.
+        When the next job in line is one this node added and its scheduler has room, the
+        same write also claims it, so the scheduler's next :meth:`acquire_jobs` hands it
+        over without a round trip."""
+        self._spare += 1  # the scheduler has room for one more
+        follower = self._follower(scheduler_id, job)
+        if follower is None:
+            released = await self._release_owned(job.id, job.task_id, scheduler_id,
+                                                 "release_job")
+        else:
+            document, fields = follower
+            released, claimed = await self._release_and_claim(
+                scheduler_id, job, document["_id"], document["task_id"], fields)
+            if claimed:
+                self._hold_claimed({**document, **fields}, scheduler_id)
+            else:
+                self._view.claim_lost(document["_id"])
+        if not released:
             self._released_here(job.id, job.task_id, None)
             self._logger.warning(
                 "Job %s was no longer held by scheduler %r (its lease expired and it was "
@@ -1001,14 +1146,45 @@ class MongoDBDataStore(BaseExternalDataStore):
             result, scheduler_id, job.task_id, job.schedule_id, job.scheduled_fire_time
         ))
 
+    def _follower(self, scheduler_id: str,
+                  job: Job) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The job to claim along with releasing ``job``, and its claim fields, if any."""
+        if self._worker is None or self._worker[0] != scheduler_id or self._spare < 1:
+            return None
+        following = self._view.next_local(job.id, job.task_id)
+        if following is None:
+            return None
+        document, slot = following
+        fields: dict[str, Any] = {
+            "acquired_by": scheduler_id,
+            "acquired_until": self._clock.current() + self._worker[1],
+            "lease": uuid4().hex,
+        }
+        if slot is not None:
+            fields["slot"] = slot
+        return document, fields
+
+    def _hold_claimed(self, document: dict[str, Any], scheduler_id: str) -> None:
+        """A job claimed outside :meth:`acquire_jobs`: keep it for the scheduler's next
+        call (woken by the event that follows)."""
+        self._leases[document["_id"]] = document["lease"]
+        self._preclaimed[document["_id"]] = document
+        self._spare -= 1
+        self._view.job_acquired(document["_id"], document["task_id"], scheduler_id, ours=True)
+
     async def discard_job(self, job_id: UUID, *, by: str = "operator") -> bool:
         """Delete a job no scheduler has claimed, as an operator's action (the dashboard's
         "drop"). Publishes ``JobReleased`` with outcome ``cancelled`` (scheduler id
         ``by``), so anyone waiting for the job's result learns of it. Returns False if the
         job is gone or a scheduler holds it."""
+        found = await self._run("discard_job", lambda: self._jobs.find_one(
+            {"_id": job_id}, projection={"task_id": True}))  # the shard key, if sharded
+        if found is None:
+            return False
+
         async def take(retrying: bool) -> dict[str, Any] | None:
             document: dict[str, Any] | None = await self._jobs.find_one_and_update(
-                {"_id": job_id, "acquired_by": None},
+                {"_id": job_id, "task_id": found["task_id"], "acquired_by": None},
                 {"$set": {"acquired_by": by, "lease": lease, "abandoned": True,
                           "acquired_until": await self._server_now() + TAKEOVER_WINDOW}},
                 return_document=ReturnDocument.AFTER,
@@ -1134,6 +1310,12 @@ class MongoDBDataStore(BaseExternalDataStore):
                 )
         # 5. A periodic fresh look at the queue, whatever the events said
         self._view.forget_everything()
+
+
+def _duplicate_id(exc: DuplicateKeyError) -> bool:
+    """Whether the duplicate key is the ``_id`` (not another unique index)."""
+    pattern = (exc.details or {}).get("keyPattern")
+    return pattern == {"_id": 1} if pattern else "index: _id_ " in str(exc)
 
 
 def _raise_unless_duplicates(exc: BulkWriteError) -> None:

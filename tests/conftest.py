@@ -48,13 +48,18 @@ def backend_names() -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Soak tests are long variants of drills that always run; they run only with --soak."""
-    if config.getoption("--soak"):
-        return
-    soak = [item for item in items if item.get_closest_marker("soak")]
-    if soak:
-        config.hook.pytest_deselected(items=soak)
-        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    """Soak tests are long variants of drills that always run; they run only with --soak.
+    Tests of what only a real server has (a query planner) run only in the real tier."""
+    unwanted = set()
+    if not config.getoption("--soak"):
+        unwanted.add("soak")
+    if not os.environ.get(REAL_URI_ENV):
+        unwanted.add("real_server")
+    deselected = [item for item in items
+                  if any(item.get_closest_marker(name) for name in unwanted)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
 
 
 @pytest.fixture

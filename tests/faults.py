@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pymongo.errors import AutoReconnect, NotPrimaryError
@@ -51,6 +51,8 @@ class FaultPlan:
         self.kill_when: KillPredicate | None = None
         #: returns an exception to raise instead of running the operation (every time)
         self.forced: Callable[[str], Exception | None] | None = None
+        #: awaited before each operation (tests use it to line nodes up at a race)
+        self.gate: Callable[[str], Awaitable[None]] | None = None
         self.attempts: Counter[str] = Counter()  # every operation tried, by name
 
     def enable(self) -> None:
@@ -100,6 +102,8 @@ class FaultPlan:
 
 async def _apply(plan: FaultPlan, what: str, operation: Callable[[], Any],
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if plan.gate:
+        await plan.gate(what)
     when = plan.check_before(what, args, kwargs)
     result = await operation()
     if when == "after":

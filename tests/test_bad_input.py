@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import AsyncExitStack
 from datetime import timedelta
@@ -273,3 +274,39 @@ def test_likely_causes(driver_says: str, cause: str) -> None:
     from apsched_mongo._client import likely_cause
 
     assert likely_cause(driver_says).startswith(cause)
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"clock_refresh_interval": -5}, "clock_refresh_interval must be positive"),
+    ({"clock_refresh_interval": 0}, "clock_refresh_interval must be positive"),
+    ({"claim_grace": -0.1}, "claim_grace must be zero or positive"),
+    ({"write_timeout": 0}, "write_timeout must be positive"),
+    ({"clock_refresh_interval": "60"}, "clock_refresh_interval must be a number"),
+    ({"claim_grace": float("nan")}, "claim_grace must be a number of seconds, not NaN"),
+])
+def test_every_numeric_store_option_is_validated_at_construction(
+    kwargs: dict[str, Any], problem: str
+) -> None:
+    from apsched_mongo.memory import MemoryMongoClient
+
+    with pytest.raises((ValueError, TypeError), match=problem):
+        MongoDBDataStore(MemoryMongoClient(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"mode": "sometimes"},
+     "mode must be one of 'auto', 'change_stream', 'polling', not 'sometimes'"),
+    ({"publish_delay": -1}, "publish_delay must be zero or positive"),
+    ({"poll_interval": -1}, "poll_interval must be positive"),
+    ({"retention": timedelta(0)}, "retention must be positive"),
+    ({"clock_refresh_interval": -5}, "clock_refresh_interval must be positive"),
+    ({"write_timeout": -1}, "write_timeout must be positive"),
+    ({"poll_interval": "fast"}, "poll_interval must be a number of seconds"),
+])
+def test_every_broker_option_fails_in_one_sentence(kwargs: dict[str, Any], problem: str) -> None:
+    from apsched_mongo import MongoDBEventBroker
+    from apsched_mongo.memory import MemoryMongoClient
+
+    with pytest.raises((ValueError, TypeError), match=re.escape(problem)) as info:
+        MongoDBEventBroker(MemoryMongoClient(), **kwargs)
+    assert "\n" not in str(info.value) and "Attribute" not in str(info.value)

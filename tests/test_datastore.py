@@ -540,3 +540,76 @@ async def test_claimed_jobs_tasks_are_served_without_a_round_trip(
         assert (await lonely.get_task("task")).metadata == {"v": 2}
         now[0] += datastore_module.TASK_CACHE_SECONDS
         assert (await lonely.get_task("task")).metadata == {"v": 3}
+
+
+# --- removals and releases in O(1) round trips -----------------------------------------------
+
+async def _counting_store(backend: Any, stack: Any) -> tuple[Any, Any, Any]:
+    import logging
+
+    from tests.conftest import RecordingBroker
+    from tests.faults import FaultPlan, FaultyClient
+
+    plan = FaultPlan(seed=0, rate=0)
+    broker = RecordingBroker()
+    log = logging.getLogger(__name__)
+    await broker.start(stack, log)
+    store = MongoDBDataStore(FaultyClient(backend.client(), plan), database=backend.database)
+    await store.start(stack, broker, log)
+    return store, broker, plan
+
+
+async def test_removed_schedules_are_announced_in_the_order_given_at_a_fixed_cost(
+    backend: Any,
+) -> None:
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+        store, broker, plan = await _counting_store(backend, stack)
+        names = [f"s{n:02}" for n in range(40)]
+        for name in names:
+            await store.add_schedule(make_schedule(name, None), ConflictPolicy.exception)
+        order = [*reversed(names[20:]), "missing", *names[:20:2]]
+        plan.attempts.clear()
+        await store.remove_schedules(order)
+        assert plan.attempts.total() <= 4  # mark, read, delete (and maybe the clock)
+    removed = [e.schedule_id for e in broker.of_type(ScheduleRemoved)]
+    assert removed == [name for name in order if name != "missing"]
+    assert {s.id for s in await store.get_schedules()} == set(names[1:20:2])
+
+
+async def test_abandoned_jobs_are_released_in_a_fixed_number_of_round_trips(
+    backend: Any,
+) -> None:
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+        store, broker, plan = await _counting_store(backend, stack)
+        await store.add_task(make_task())
+        for _ in range(30):
+            await store.add_job(make_job(result_expiration_time=timedelta(minutes=1)))
+        held = await store.acquire_jobs("gone", LEASE, 30)
+        assert len(held) == 30
+        plan.attempts.clear()
+        await store.reap_abandoned_jobs("gone")
+        assert plan.attempts.total() <= 5  # take over, read, results, delete (and clock)
+    assert sorted(e.job_id for e in broker.of_type(JobReleased)) == sorted(j.id for j in held)
+
+
+async def test_discard_job_drops_only_unclaimed_jobs_and_says_so(started: Any) -> None:
+    store, broker = await started()
+    await store.add_task(make_task())
+    queued, running = make_job(result_expiration_time=timedelta(minutes=1)), make_job()
+    await store.add_job(running)
+    [claimed] = await store.acquire_jobs("s1", LEASE, 1)
+    assert claimed.id == running.id
+    await store.add_job(queued)
+    assert not await store.discard_job(running.id)
+    assert await store.discard_job(queued.id, by="dashboard")
+    assert not await store.discard_job(queued.id)  # gone now
+    [event] = broker.of_type(JobReleased)
+    assert (event.job_id, event.outcome, event.scheduler_id) == (
+        queued.id, JobOutcome.cancelled, "dashboard")
+    result = await store.get_job_result(queued.id)
+    assert result is not None and result.outcome is JobOutcome.cancelled
+    assert [job.id for job in await store.get_jobs()] == [running.id]

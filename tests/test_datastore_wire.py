@@ -231,7 +231,8 @@ async def test_a_single_claim_is_a_retryable_majority_find_and_modify(
             [acquired] = await data_store.acquire_jobs("s1", timedelta(seconds=30), 10)
     claim = requests["claim"]
     assert acquired.id == job.id and acquired.acquired_by == "s1"
-    assert claim["query"] == on_the_wire({"_id": job.id, "acquired_by": None})
+    # task_id: the shard key where jobs are sharded, so a claim goes to one shard
+    assert claim["query"] == on_the_wire({"_id": job.id, "task_id": "t", "acquired_by": None})
     assert claim["update"]["$set"]["slot"] == 0
     assert claim["new"] is True
     assert claim["writeConcern"] == MAJORITY
@@ -277,7 +278,7 @@ async def test_a_step_down_inside_a_claim_batch_is_retried(
     for update in updates:
         assert [statement.get("multi", False) for statement in update["updates"]] == [False] * 2
         assert [statement["q"] for statement in update["updates"]] == [
-            on_the_wire({"_id": job.id, "acquired_by": None}) for job in jobs]
+            on_the_wire({"_id": job.id, "task_id": "u", "acquired_by": None}) for job in jobs]
         assert update["writeConcern"] == MAJORITY
         assert "txnNumber" in update.doc
 

@@ -26,7 +26,7 @@ from apscheduler import (
 )
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.triggers.interval import IntervalTrigger
-from pymongo.errors import OperationFailure
+from pymongo.errors import NotPrimaryError, OperationFailure
 from tenacity import stop_after_attempt, wait_fixed
 
 from apsched_mongo import MongoDBDataStore, ServerUnreachableError
@@ -270,6 +270,109 @@ async def nodes_b(store: MongoDBDataStore, broker: LocalEventBroker, lease: time
         await scheduler.stop()
 
 
+# --- several nodes cleaning up the same crashed node's jobs, through faults -------------------
+
+class EveryOperationFails(FaultPlan):
+    """Each operation, by name: the first call is applied but its reply lost, the second
+    fails before reaching the server (a step-down), the third goes through."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0, enabled=True)
+        self.calls: Counter[str] = Counter()
+        self.failed: set[str] = set()
+
+    def check_before(self, what: str, args: tuple[Any, ...] = (),
+                     kwargs: dict[str, Any] | None = None) -> str | None:
+        self.attempts[what] += 1
+        if not self.enabled:
+            return None
+        self.calls[what] += 1
+        if self.calls[what] % 3 == 1:
+            self.failed.add(what)
+            return "after"
+        if self.calls[what] % 3 == 2:
+            self.injected["before"] += 1
+            raise NotPrimaryError(f"injected: {what} refused", {"code": 10107})
+        return None
+
+
+async def test_racing_cleanups_release_each_abandoned_job_once_through_faults(
+    backend: Backend,
+) -> None:
+    """Cleanup on several nodes races, by design, for the same expired leases. With lost
+    replies and step-downs injected into every operation, each abandoned job must still be
+    released exactly once: one JobReleased, one result, across all nodes."""
+    jobs_count, lease = 60, timedelta(seconds=30)
+    clock = FakeClock()
+    released: list[JobReleased] = []
+    async with AsyncExitStack() as stack:
+        broker = SharedBroker()
+        await broker.start_shared(stack, quiet)
+        on(broker, JobReleased, released.append)
+        crashed = MongoDBDataStore(backend.client(), database=backend.database,
+                                   retry_settings=FAST_RETRY)
+        await crashed.start(stack, broker, quiet)
+        await crashed.add_task(make_task(max_running_jobs=None))
+        for _ in range(jobs_count):
+            await crashed.add_job(Job(task_id="drill", executor="async",
+                                      result_expiration_time=timedelta(minutes=5)))
+        held = await crashed.acquire_jobs("crashed", lease, jobs_count)
+        assert len(held) == jobs_count
+
+        plans = [EveryOperationFails() for _ in range(3)]
+        # Line the nodes up for the worst interleaving: the first node takes the jobs over
+        # and reads what it won; only then do the others try to take the same jobs over;
+        # and nobody deletes before they all have
+        first_read, all_took_over = anyio.Event(), anyio.Event()
+        reached_find: set[int] = set()
+
+        def make_gate(number: int) -> Any:
+            async def gate(what: str) -> None:
+                if what == "apsched_jobs.find":  # its takeover is done
+                    reached_find.add(number)
+                    if len(reached_find) == len(plans):
+                        all_took_over.set()
+                if number == 0 and what == "apsched_job_results.insert_many":
+                    first_read.set()  # the first node has read what it won
+                if number and what == "apsched_jobs.update_many":
+                    await first_read.wait()
+                if what == "apsched_jobs.delete_many":
+                    await all_took_over.wait()
+            return gate
+
+        for number, plan in enumerate(plans):
+            plan.gate = make_gate(number)
+        cleaners = []
+        for plan in plans:
+            store = MongoDBDataStore(FaultyClient(backend.client(), plan),
+                                     database=backend.database, retry_settings=FAST_RETRY,
+                                     local_clock=clock, monotonic_clock=clock.monotonic,
+                                     clock_refresh_interval=float("inf"))
+            plan.disable()
+            await store.start(stack, broker, quiet)
+            plan.enable()
+            cleaners.append(store)
+        clock.advance(lease + timedelta(seconds=1))
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for store in cleaners:
+                    tg.start_soon(store.cleanup)
+        for plan in plans:
+            plan.disable()
+
+    # Every node's takeover lost its first reply; the winner's writes did too
+    assert all("apsched_jobs.update_many" in plan.failed for plan in plans)
+    assert {"apsched_jobs.delete_many", "apsched_job_results.insert_many"} <= set.union(
+        *(plan.failed for plan in plans))
+    assert sorted(event.job_id for event in released) == sorted(job.id for job in held)
+    assert {(event.outcome, event.scheduler_id) for event in released} == {
+        (JobOutcome.abandoned, "crashed")}
+    db = backend.db()
+    assert await db["apsched_jobs"].count_documents({}) == 0
+    results = await db["apsched_job_results"].count_documents({"outcome": {"$exists": True}})
+    assert results == jobs_count
+
+
 # --- clock skew -------------------------------------------------------------------------------
 
 SKEW_LEASE = timedelta(seconds=10)
@@ -293,10 +396,10 @@ async def skewed_pair(started: Any) -> tuple[Any, ...]:
     return slow, fast, fast_broker, slow_clock, fast_clock
 
 
-def make_task() -> Any:
+def make_task(**kwargs: Any) -> Any:
     from apscheduler import Task
 
-    return Task(id="drill", func=f"{__name__}:drill_job", job_executor="async")
+    return Task(id="drill", func=f"{__name__}:drill_job", job_executor="async", **kwargs)
 
 
 async def test_skewed_clocks_never_steal_a_live_lease(started: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -137,3 +138,36 @@ async def test_lost_replies_lose_no_result_and_no_event(backend: Any) -> None:
         TaskAdded, JobAdded, JobAcquired, JobReleased, ScheduleAdded, ScheduleRemoved]
     assert [e.job_id for e in broker.of_type(JobReleased)] == [job.id]
     assert [e.schedule_id for e in broker.of_type(ScheduleRemoved)] == ["s"]
+
+
+def test_a_wall_clock_step_does_not_move_server_time() -> None:
+    """Server time is anchored to the monotonic clock: NTP stepping this node's clock (or a
+    VM resuming) changes nothing until the next measurement."""
+    from apsched_mongo._clock import ServerClock
+
+    wall = [datetime(2030, 1, 1, tzinfo=UTC)]
+    ticks = [100.0]
+    clock = ServerClock(lambda: wall[0], refresh_interval=60, monotonic=lambda: ticks[0])
+    clock.observe({"localTime": datetime(2030, 1, 1, 0, 0, 5, tzinfo=UTC)}, round_trip=0.002)
+    anchored = clock.current()
+    assert anchored == datetime(2030, 1, 1, 0, 0, 5, 1000, tzinfo=UTC)  # + half the trip
+    wall[0] += timedelta(hours=1)
+    assert clock.current() == anchored
+    ticks[0] += 2.5
+    assert clock.current() == anchored + timedelta(seconds=2.5)
+    assert clock.offset == anchored + timedelta(seconds=2.5) - wall[0]
+    assert not clock.stale
+    ticks[0] += 60
+    assert clock.stale
+
+
+async def test_leases_ignore_a_wall_clock_step_after_start(started: Any) -> None:
+    clock = FakeClock()
+    store, _ = await started(local_clock=clock, monotonic_clock=time.monotonic)
+    clock.offset += timedelta(hours=1)  # the wall clock steps; the monotonic one does not
+    await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
+    await store.add_job(Job(task_id="t", executor="async"))
+    [job] = await store.acquire_jobs("node", timedelta(seconds=30), 1)
+    expected = datetime.now(UTC) + timedelta(seconds=30)
+    assert job.acquired_until is not None
+    assert abs(job.acquired_until - expected) < timedelta(seconds=5)
