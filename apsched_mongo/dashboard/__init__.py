@@ -97,7 +97,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
 
     from .._cli import CommandLineError
     from .._client import hosts_of, redact_uri
-    from .app import MIN_TOKEN_LENGTH, Settings
+    from .app import Settings
+    from .guards import MIN_TOKEN_LENGTH
     from .server import new_token
 
     if not args.uri:

@@ -7,15 +7,11 @@ asset ships in the package; the Content-Security-Policy allows nothing from else
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import secrets
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 from uuid import UUID, uuid4
 
 import anyio
@@ -31,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from .._client import redact, unreachable
@@ -39,16 +34,20 @@ from ..datastore import MongoDBDataStore
 from ..errors import ApschedMongoError
 from ..eventbroker import MongoDBEventBroker
 from . import actions, plot, words
+from .guards import (
+    MIN_TOKEN_LENGTH,
+    SESSION_COOKIE,
+    SESSION_LIFETIME,
+    SecurityHeaders,
+    Sessions,
+    read_form,
+    safe_next,
+    same_origin,
+)
 from .outcomes import EVENT_TYPES, OutcomeLog
 from .queries import COMMANDS_PER_VIEW, PAGE_SIZE, BadRequest, ClusterReader
 
-SESSION_COOKIE = "apsched_dashboard_session"
-SESSION_LIFETIME = 12 * 3600.0
-MAX_FORM_BYTES = 16 * 1024
-MIN_TOKEN_LENGTH = 16
 ACTIONS = ("pause", "resume", "run", "remove", "drop")
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 logger = logging.getLogger("apsched_mongo.dashboard")
 
@@ -96,8 +95,7 @@ class Dashboard:
         #: set while linked to the cluster (replaced by a fresh event when the link is lost)
         self.linked = anyio.Event()
         self.reachable = True
-        self.sessions: dict[str, float] = {}  # session id -> expiry (monotonic)
-        self._csrf_key = secrets.token_bytes(32)
+        self.sessions = Sessions(settings.token if settings.allow_actions else None)
 
     # --- the link to the cluster ------------------------------------------------------
 
@@ -164,30 +162,6 @@ class Dashboard:
             logger.info("MongoDB reachable again")
         self.reachable = True
 
-    # --- sessions -------------------------------------------------------------------------
-
-    def open_session(self) -> str:
-        now = time.monotonic()
-        self.sessions = {sid: until for sid, until in self.sessions.items() if until > now}
-        session = secrets.token_urlsafe(32)
-        self.sessions[session] = now + SESSION_LIFETIME
-        return session
-
-    def session_of(self, request: Request) -> str | None:
-        session = request.cookies.get(SESSION_COOKIE)
-        if session and self.sessions.get(session, 0) > time.monotonic():
-            return session
-        return None
-
-    def csrf_for(self, session: str | None) -> str:
-        if session is None:
-            return ""
-        return hmac.new(self._csrf_key, session.encode(), hashlib.sha256).hexdigest()
-
-    def token_matches(self, candidate: str) -> bool:
-        token = self.settings.token
-        return token is not None and hmac.compare_digest(candidate.encode(), token.encode())
-
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:
     exc: BaseException = group
@@ -213,7 +187,7 @@ _templates.filters.update(
 
 def _render(dashboard: Dashboard, request: Request, template: str, status: int = 200,
             **context: Any) -> HTMLResponse:
-    session = dashboard.session_of(request)
+    session = dashboard.sessions.of(request)
     notice = request.query_params.get("notice", "")[:500]
     html = _templates.get_template(template).render(
         request_path=request.url.path,
@@ -221,7 +195,7 @@ def _render(dashboard: Dashboard, request: Request, template: str, status: int =
         settings=dashboard.settings,
         actions=dashboard.settings.allow_actions,
         logged_in=session is not None,
-        csrf=dashboard.csrf_for(session),
+        csrf=dashboard.sessions.csrf_for(session),
         notice=notice,
         link_error=dashboard.link_error,
         version=__version__,
@@ -318,40 +292,7 @@ def _pages(dashboard: Dashboard) -> list[Route]:
     ]
 
 
-# --- actions and their guards -----------------------------------------------------------------
-
-
-def _same_origin(request: Request) -> bool:
-    """A browser names the page a POST comes from; refuse one from another site."""
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("origin")
-    if origin is None:  # not a browser's form post; the session still needs its CSRF token
-        return True
-    expected = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    return origin == expected
-
-
-def _safe_next(value: str) -> str:
-    """Only a path on this site (no other host, no scheme): no open redirect."""
-    parts = urlsplit(value)
-    if (not value.startswith("/") or value.startswith("//") or "\\" in value
-            or parts.scheme or parts.netloc):
-        return "/"
-    return value[:2000]
-
-
-async def _form(request: Request) -> dict[str, str]:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise BadRequest(f"form larger than {MAX_FORM_BYTES} bytes")
-    try:
-        fields = parse_qs(body.decode(), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("form is not URL-encoded text") from None
-    return {key: values[0] for key, values in fields.items()}
+# --- actions -----------------------------------------------------------------
 
 
 def _action_routes(dashboard: Dashboard) -> list[Route]:
@@ -366,14 +307,14 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
         if action not in ACTIONS:
             return _problem(dashboard, request, 404, "No such action", f"unknown action "
                             f"{action[:40]!r} (one of {', '.join(ACTIONS)})")
-        if not _same_origin(request):
+        if not same_origin(request):
             return _problem(dashboard, request, 403, "Refused",
                             "this request came from another site (cross-site request refused)")
         try:
-            form = await _form(request)
+            form = await read_form(request)
         except BadRequest as exc:
             return _problem(dashboard, request, 400, "Bad request", str(exc))
-        refusal = _authorize(dashboard, request, form)
+        refusal = dashboard.sessions.refusal(request, form)
         if refusal:
             return _problem(dashboard, request, 403, "Token required", refusal)
         try:
@@ -388,44 +329,44 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
         logger.info("Dashboard action %s: %s", action, message)
         if request.headers.get("authorization"):
             return JSONResponse({"ok": True, "message": message})
-        target = _safe_next(form.get("next", "/"))
+        target = safe_next(form.get("next", "/"))
         separator = "&" if "?" in target else "?"
         return RedirectResponse(f"{target}{separator}{urlencode({'notice': message})}", 303)
 
     async def login_page(request: Request) -> Response:
         return _render(dashboard, request, "login.html", page="login",
-                       next=_safe_next(request.query_params.get("next", "/")), failed=False)
+                       next=safe_next(request.query_params.get("next", "/")), failed=False)
 
     async def login(request: Request) -> Response:
         if not dashboard.settings.allow_actions:
             return _problem(dashboard, request, 405, "Read-only dashboard",
                             "actions are disabled, so there is nothing to log in to")
-        if not _same_origin(request):
+        if not same_origin(request):
             return _problem(dashboard, request, 403, "Refused",
                             "this request came from another site (cross-site request refused)")
         try:
-            form = await _form(request)
+            form = await read_form(request)
         except BadRequest as exc:
             return _problem(dashboard, request, 400, "Bad request", str(exc))
-        target = _safe_next(form.get("next", "/"))
-        if not dashboard.token_matches(form.get("token", "")):
+        target = safe_next(form.get("next", "/"))
+        if not dashboard.sessions.token_matches(form.get("token", "")):
             logger.warning("Dashboard login with a wrong token from %s",
                            request.client.host if request.client else "?")
             return _render(dashboard, request, "login.html", 403, page="login", next=target,
                            failed=True)
         response = RedirectResponse(target, 303)
-        response.set_cookie(SESSION_COOKIE, dashboard.open_session(), httponly=True,
+        response.set_cookie(SESSION_COOKIE, dashboard.sessions.open(), httponly=True,
                             samesite="strict", max_age=int(SESSION_LIFETIME),
                             secure=request.url.scheme == "https")
         return response
 
     async def logout(request: Request) -> Response:
-        if not _same_origin(request):
+        if not same_origin(request):
             return _problem(dashboard, request, 403, "Refused",
                             "this request came from another site (cross-site request refused)")
-        session = dashboard.session_of(request)
+        session = dashboard.sessions.of(request)
         if session is not None:
-            dashboard.sessions.pop(session, None)
+            dashboard.sessions.close(session)
         response = RedirectResponse("/", 303)
         response.delete_cookie(SESSION_COOKIE)
         return response
@@ -436,25 +377,6 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
     ]
-
-
-def _authorize(dashboard: Dashboard, request: Request, form: dict[str, str]) -> str | None:
-    """Why this request may not act, or None. Scripts send ``Authorization: Bearer TOKEN``
-    (browsers never add that header by themselves); browsers send the session cookie
-    (``SameSite=Strict``) *and* the form's CSRF token derived from it."""
-    header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and dashboard.token_matches(token.strip()):
-            return None
-        return "wrong or malformed Authorization header (expected: Bearer <token>)"
-    session = dashboard.session_of(request)
-    if session is None:
-        return "actions need the dashboard's token: log in first (link at the top right)"
-    if not hmac.compare_digest(form.get("csrf", "").encode(),
-                               dashboard.csrf_for(session).encode()):
-        return "the form's CSRF token is missing or stale: reload the page and try again"
-    return None
 
 
 async def _perform(dashboard: Dashboard, action: str, form: dict[str, str]) -> str:
@@ -485,29 +407,6 @@ def _uuid(value: str, name: str) -> UUID:
 # --- the application --------------------------------------------------------------------------
 
 
-class _SecurityHeaders:
-    """No framing, no sniffing, no referrer to other sites, nothing loaded from elsewhere."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", _CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"same-origin"),  # no-referrer would make Origin "null"
-                    (b"cache-control", b"no-store"),
-                ]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 def create_app(dashboard: Dashboard) -> Starlette:
     """The ASGI application; the caller runs ``dashboard.keep_linked()`` beside it."""
     static = StaticFiles(packages=[("apsched_mongo.dashboard", "static")])
@@ -517,6 +416,6 @@ def create_app(dashboard: Dashboard) -> Starlette:
         middleware=[
             Middleware(TrustedHostMiddleware, allowed_hosts=list(dashboard.settings.allowed_hosts),
                        www_redirect=False),
-            Middleware(_SecurityHeaders),
+            Middleware(SecurityHeaders),
         ],
     )
