@@ -191,10 +191,16 @@ class QueueView:
         self.running.setdefault(task_id, {})[UUID(int=0)] = self.clock() + self.lease_seconds
         self.tracked.pop(task_id, None)
 
-    def idle(self) -> bool:
-        """No job is known to wait, and none can be unknown: a job added now is next."""
-        return (self.trusted and self.complete and not self.waiting and not self.partial
-                and self.clock() - self.read_at <= AUDIT_INTERVAL)
+    def overtakes_nobody(self, room: int) -> bool:
+        """Whether a job added now and claimed at once by this node overtakes no job this
+        node would not claim in the same breath: every waiting job (if any) is this node's
+        own, of a task without a limit, and fits in its scheduler's ``room`` too; and no
+        job can wait unseen."""
+        return (self.trusted and self.complete and not self.partial
+                and self.clock() - self.read_at <= AUDIT_INTERVAL
+                and len(self.waiting) < room
+                and all(waiting.local and self.limits.get(waiting.task_id, UNKNOWN) is None
+                        for waiting in self.waiting.values()))
 
     def forget_everything(self) -> None:
         """Read again before trusting the picture (after a cleanup)."""
@@ -208,11 +214,11 @@ class QueueView:
         self._reading = True
         self._during_read = []
 
-    def end_read(self, unclaimed: Iterable[tuple[UUID, str, int]], *, complete: bool,
+    def end_read(self, unclaimed: Iterable[dict[str, Any]], *, complete: bool,
                  partial: set[str], running: dict[str, set[UUID]]) -> None:
         """Replace the picture with a read's, then replay the events heard meanwhile.
 
-        :param unclaimed: (job id, task id, queue order) of the unclaimed jobs read
+        :param unclaimed: the documents of the unclaimed jobs read
         :param complete: whether the read saw every unclaimed job, but for ``partial``
         :param partial: tasks of which the read saw only the oldest unclaimed jobs
         :param running: for each task read, the jobs running now
@@ -221,12 +227,15 @@ class QueueView:
         self.read_at = now = self.clock()
         previous = self.waiting
         self.waiting = {}
-        for job_id, task_id, order in unclaimed:
+        for document in unclaimed:
+            job_id = document["_id"]
             if job_id in self._finished:
                 continue
             before = previous.get(job_id)
-            self.waiting[job_id] = Waiting(task_id, order, before.heard if before else now,
-                                           before.local if before else False)
+            self.waiting[job_id] = Waiting(
+                document["task_id"], document["queue_order"], before.heard if before else now,
+                before.local if before else False,
+                document if len(self.waiting) < KEEP_DOCUMENTS else None)
         for task_id, holders in running.items():
             self.track(task_id, holders)
         self.complete = complete and self.trusted
@@ -279,8 +288,9 @@ class QueueView:
         return max(limit - len(holders), 0), expires
 
     def next_local(self, released: UUID, task_id: str) -> tuple[dict[str, Any], int | None] | None:
-        """The oldest waiting job this node added (its document known) that could start
-        once ``released`` (of ``task_id``) stops running, with the slot it would take."""
+        """The oldest waiting job whose document this node knows (it added or read it)
+        that could start once ``released`` (of ``task_id``) stops running, with the slot
+        it would take: the node freeing the room takes the next job in line."""
         now = self.clock()
         holders = self.running.get(task_id, {})
         until = holders.pop(released, None)
@@ -294,7 +304,7 @@ class QueueView:
                 if not room[waiting.task_id]:
                     continue
                 if waiting.document is None:
-                    return None  # the next in line is another node's: the normal path
+                    return None  # not known well enough: the normal path
                 slot = None if self.limits[waiting.task_id] is None else 0
                 return waiting.document, slot
             return None

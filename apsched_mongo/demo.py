@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", choices=["mongodb", "local"], default="mongodb",
                         help="event broker: MongoDB (default) or local only")
     add_verbose_argument(parser)
+    parser.add_argument("--standalone", action="store_true",
+                        help="make the in-memory MongoDB a standalone server (the broker "
+                             "polls) instead of a replica set (change streams)")
     parser.add_argument("--dashboard", nargs="?", action=FreeLocalPort, const="8800",
                         metavar="PORT",
                         help="also serve the operator dashboard on 127.0.0.1:PORT (8800) and "
@@ -101,12 +104,13 @@ async def _main(args: argparse.Namespace) -> None:
     else:
         from .memory import MemoryMongoClient, MemoryServer
 
-        server = MemoryServer()
+        server = MemoryServer(replica_set=not args.standalone)
         make_client = lambda: MemoryMongoClient(server)  # noqa: E731
-        print("Using an in-memory MongoDB (pass --uri to use a real server)")
+        kind = "standalone server" if args.standalone else "replica set"
+        print(f"Using an in-memory MongoDB {kind} (pass --uri to use a real server)")
 
     async with AsyncExitStack() as stack:
-        schedulers = []
+        schedulers, modes = [], set()
         for number in range(1, args.nodes + 1):
             client = make_client()
             stack.push_async_callback(client.close)
@@ -117,6 +121,9 @@ async def _main(args: argparse.Namespace) -> None:
                 kwargs["event_broker"] = broker
             scheduler = await stack.enter_async_context(AsyncScheduler(store, **kwargs))
             schedulers.append(scheduler)
+            modes.add(getattr(broker, "active_mode", None))
+        for mode in sorted(filter(None, modes)):
+            print(f"MongoDB event broker mode: {mode}")
 
         first = schedulers[0]
         await first.configure_task("slow", func=slow, max_running_jobs=1)

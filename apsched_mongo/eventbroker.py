@@ -303,10 +303,13 @@ class MongoDBEventBroker(BaseExternalEventBroker):
                     if self._stopping:
                         return
                     await self._outbox_changed.wait()
-                if self.publish_delay and not self._stopping:
-                    with anyio.move_on_after(self.publish_delay):
-                        while len(self._outbox) < MAX_BATCH_EVENTS and not self._stopping:
-                            await self._outbox_changed.wait()
+                # Linger for more events. The deadline is checked on every wake-up: under a
+                # steady stream of events a timeout alone may never get to fire
+                deadline = anyio.current_time() + self.publish_delay
+                while (len(self._outbox) < MAX_BATCH_EVENTS and not self._stopping
+                       and (left := deadline - anyio.current_time()) > 0):
+                    with anyio.move_on_after(left):
+                        await self._outbox_changed.wait()
                 await self._send_batch()
         finally:
             self._sender_done.set()

@@ -1,9 +1,10 @@
 """Back ends for the behavioural suite.
 
-Every test that takes ``backend`` runs on the in-memory fake, and also on a real server
-when ``APSCHED_MONGO_TEST_URI`` is set (each test then gets a fresh database, dropped
-afterwards). ``--mongod`` starts a throwaway single-node replica set from a ``mongod``
-found on PATH and uses it as that real server.
+Every test that takes ``backend`` runs on the in-memory fake twice, as a standalone server
+(``memory``: the broker polls) and as a replica-set primary (``memory-rs``: change
+streams), and also on a real server when ``APSCHED_MONGO_TEST_URI`` is set (each test then
+gets a fresh database, dropped afterwards). ``--mongod`` starts a throwaway single-node
+replica set from a ``mongod`` found on PATH and uses it as that real server.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def backend_names() -> list[str]:
-    return ["memory", "real"] if os.environ.get(REAL_URI_ENV) else ["memory"]
+    memory = ["memory", "memory-rs"]
+    return [*memory, "real"] if os.environ.get(REAL_URI_ENV) else memory
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -73,7 +75,8 @@ class Backend:
     def __init__(self, name: str) -> None:
         self.name = name
         self.database = f"apsched_test_{uuid4().hex[:12]}"
-        self._server = MemoryServer()
+        #: The in-memory server (for its fault hooks); ``None`` for a real server
+        self.server = None if name == "real" else MemoryServer(replica_set=name == "memory-rs")
         self._clients: list[Any] = []
 
     @property
@@ -87,7 +90,7 @@ class Backend:
                 uuidRepresentation="standard",
             )
         else:
-            client = MemoryMongoClient(self._server)
+            client = MemoryMongoClient(self.server)
         self._clients.append(client)
         return client
 

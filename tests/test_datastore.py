@@ -613,3 +613,41 @@ async def test_discard_job_drops_only_unclaimed_jobs_and_says_so(started: Any) -
     result = await store.get_job_result(queued.id)
     assert result is not None and result.outcome is JobOutcome.cancelled
     assert [job.id for job in await store.get_jobs()] == [running.id]
+
+
+async def test_a_job_claimed_on_insert_by_a_stopping_node_goes_to_another(
+    backend: Any,
+) -> None:
+    """A node whose scheduler has room claims the job it adds in the insert itself; if the
+    node stops before its scheduler takes the job, the job is unclaimed and announced again,
+    and another node runs it now rather than as abandoned after the lease."""
+    import logging
+    from contextlib import AsyncExitStack
+
+    from tests.helpers import SharedBroker
+
+    log = logging.getLogger(__name__)
+    async with AsyncExitStack() as outer:
+        bus = SharedBroker()
+        await bus.start_shared(outer, log)
+        heard: list[Any] = []
+        bus.subscribe(heard.append, {JobAdded, JobAcquired})
+        survivor = backend.store()
+        await survivor.start(outer, bus, log)
+        async with AsyncExitStack() as stack:
+            stopping = backend.store()
+            await stopping.start(stack, bus, log)
+            await stopping.add_task(make_task())
+            await stopping.get_task("task")  # as APScheduler's configure_task does
+            assert await stopping.acquire_jobs("stopping", LEASE, 10) == []  # has room
+            job = make_job()
+            await stopping.add_job(job)
+            [held] = await backend.db()["apsched_jobs"].find({}).to_list(None)
+            assert held["acquired_by"] == "stopping"  # claimed by the insert itself
+        [document] = await backend.db()["apsched_jobs"].find({}).to_list(None)
+        assert document.get("acquired_by") is None
+        with anyio.fail_after(5):
+            [taken] = await survivor.acquire_jobs("survivor", LEASE, 10)
+        assert taken.id == job.id
+    assert [(type(e), e.job_id) for e in heard] == [
+        (JobAdded, job.id), (JobAdded, job.id), (JobAcquired, job.id)]

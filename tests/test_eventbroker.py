@@ -80,8 +80,6 @@ async def start_node(backend: Backend) -> AsyncIterator[StartNode]:
 
 async def expected_mode(backend: Backend) -> str:
     """What ``mode="auto"`` must choose on this back end."""
-    if not backend.is_real:
-        return "polling"
     hello = await backend.client().admin.command("hello")
     return "change_stream" if "setName" in hello or hello.get("msg") == "isdbgrid" else "polling"
 
@@ -417,3 +415,25 @@ async def test_a_schedule_added_on_one_node_wakes_a_worker_on_another(backend: B
     print(f"\n[{backend.name}, {broker_b.active_mode}] add_schedule on A -> job start on B: "
           f"{latency * 1000:.1f} ms")
     assert latency < 5
+
+
+@pytest.mark.anyio
+async def test_a_steady_stream_of_events_is_sent_within_publish_delay(
+    backend: Backend, start_node: StartNode
+) -> None:
+    """Events published one after another keep waking the sender: each document still
+    goes out within publish_delay of its first event, not when the stream stops."""
+    writer = await start_node(publish_delay=0.005)
+    reader = await start_node()
+    started = monotonic()
+    for n in range(100):
+        await writer.broker.publish(job_added(str(n)))
+        sum(range(20_000))  # the workload between events: a little work, no sleep
+        await anyio.lowlevel.checkpoint()
+    elapsed = monotonic() - started
+    assert elapsed > 0.03  # long enough for several documents
+    await writer.broker.flush()
+    documents = await events_collection(backend).find({}).to_list(None)
+    assert sum(len(d["events"]) for d in documents) == 100
+    assert len(documents) >= elapsed / 0.005 / 3, (len(documents), elapsed)
+    assert len(await reader.inbox.wait_for(100)) == 100

@@ -16,7 +16,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument, UpdateMan
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from apsched_mongo import UnsupportedByMemoryBackend
-from apsched_mongo.memory import MemoryMongoClient
+from apsched_mongo.memory import MemoryMongoClient, MemoryServer
 
 pytestmark = pytest.mark.anyio
 
@@ -255,3 +255,23 @@ async def test_documents_outside_a_partial_unique_index_are_not_checked(backend:
     await collection.insert_one({"_id": 3, "t": "a"})
     with pytest.raises(DuplicateKeyError):
         await collection.insert_one({"_id": 4, "t": "a", "slot": None})
+
+
+async def test_a_collection_emptied_by_deletes_exists_until_dropped(backend: Any) -> None:
+    """mongomock-ng forgets a collection once its last document is deleted; MongoDB keeps
+    it (and a change stream on it sees its drop)."""
+    db = backend.db()
+    await db["emptied"].insert_one({"_id": 1})
+    await db["emptied"].delete_one({"_id": 1})
+    assert "emptied" in await db.list_collection_names()
+    await db.drop_collection("emptied")
+    assert "emptied" not in await db.list_collection_names()
+
+
+@pytest.mark.parametrize("replica_set", [False, True], ids=["standalone", "replica-set"])
+async def test_closing_a_synchronous_client_leaves_the_server_alone(replica_set: bool) -> None:
+    """mongomock-ng's close() empties the store it was given: every database of the server."""
+    client = MemoryMongoClient(MemoryServer(replica_set=replica_set))
+    await client["db"]["c"].insert_one({"_id": 1})
+    client.sync_client().close()
+    assert await client["db"]["c"].count_documents({}) == 1

@@ -1,109 +1,40 @@
-"""An in-process MongoDB for the demo and for tests: PyMongo's async API over mongomock-ng.
-
-mongomock-ng is synchronous and silently ignores some things a real server does; this
-wrapper makes it look like :class:`pymongo.AsyncMongoClient` for the calls apsched-mongo
-makes, and refuses -- loudly -- what the fake would get wrong:
-
-* pipeline-style updates (``[{"$set": ...}]``) and ``$$NOW``/``$$CLUSTER_TIME`` raise
-  :class:`~apsched_mongo.errors.UnsupportedByMemoryBackend` (the fake would ignore them);
-* change streams raise the same :class:`~pymongo.errors.OperationFailure` (code 40573) as a
-  standalone server, so code that falls back to polling there does so here too;
-* ``hello`` answers like a standalone server, with the local clock as ``localTime``;
-* a document outside a partial unique index's filter is not checked against it, as in
-  MongoDB (mongomock-ng scans the collection for it on every write).
-
-Every operation yields to the event loop first, as a network round trip would, so tasks
-racing for the same documents interleave. Clients made from one :class:`MemoryServer` share
-its data, like several processes connected to one server.
-"""
+"""The async look-alike: PyMongo's async API (``AsyncMongoClient`` and friends) over
+mongomock-ng, for the calls apsched-mongo makes and the change streams tests need."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-try:
-    import mongomock_ng
-    import mongomock_ng.collection
-    from mongomock_ng.filtering import filter_applies
-    from mongomock_ng.store import ServerStore
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
-        "the in-memory back end needs mongomock-ng: pip install 'apsched-mongo[memory]'"
-    ) from exc
-
+import mongomock_ng
 from anyio.lowlevel import checkpoint
 from bson import CodecOptions
-from pymongo.errors import OperationFailure
 from pymongo.operations import UpdateMany, UpdateOne
 
-from ._client import CODEC_OPTIONS
-from .errors import UnsupportedByMemoryBackend
+from .._client import CODEC_OPTIONS
+from ..errors import UnsupportedByMemoryBackend
+from ._changestream import Scope
+from ._mongomock import SharedStoreClient
+from ._refusals import check_update, refuse_unfaithful
+from ._server import MemoryServer
+from ._watch import MemoryChangeStream
 
-__all__ = ["MemoryCollection", "MemoryDatabase", "MemoryMongoClient", "MemoryServer"]
+__all__ = ["MemoryCollection", "MemoryCursor", "MemoryDatabase", "MemoryMongoClient"]
 
-_ensure_uniques = mongomock_ng.collection.Collection._ensure_uniques
-
-
-def _ensure_uniques_of_indexed(self: Any, new_data: Any) -> None:
-    """A document outside every unique index's partialFilterExpression is in none of them,
-    so MongoDB checks it against nothing. mongomock-ng checks it anyway, scanning the whole
-    collection per write (and can report a false duplicate)."""
-    for index in self._store.indexes.values():
-        partial = index.get("partialFilterExpression")
-        if index.get("unique") and (
-            partial is None or filter_applies(partial, new_data)  # type: ignore[no-untyped-call]
-        ):
-            _ensure_uniques(self, new_data)  # type: ignore[no-untyped-call]
-            return
-
-
-mongomock_ng.collection.Collection._ensure_uniques = _ensure_uniques_of_indexed  # type: ignore[method-assign]
-
-T = TypeVar("T")
-_SERVER_VARIABLES = ("$$NOW", "$$CLUSTER_TIME")
-
-
-class MemoryServer:
-    """The shared state of one fake server."""
-
-    def __init__(self) -> None:
-        self.store = ServerStore()  # type: ignore[no-untyped-call]
-        self.lock = threading.RLock()
-
-
-def _refuse_unfaithful(value: Any, where: str) -> None:
-    """Raise if ``value`` holds something mongomock-ng would silently get wrong."""
-    if isinstance(value, str):
-        if value.startswith(_SERVER_VARIABLES):
-            raise UnsupportedByMemoryBackend(
-                f"{where}: the in-memory back end cannot evaluate {value!r}"
-            )
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            _refuse_unfaithful(item, where)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _refuse_unfaithful(item, where)
-
-
-def _check_update(update: Any, where: str) -> None:
-    if isinstance(update, list):
-        raise UnsupportedByMemoryBackend(
-            f"{where}: pipeline-style updates are silently ignored by mongomock-ng, so the "
-            "in-memory back end refuses them"
-        )
-    _refuse_unfaithful(update, where)
+_READS = frozenset({"find_one", "count_documents", "estimated_document_count", "distinct",
+                    "index_information"})
+#: What a client made with ``tz_aware=True, uuidRepresentation="standard"`` decodes with
+_CLIENT_CODEC_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
+    tz_aware=True, uuid_representation=CODEC_OPTIONS.uuid_representation
+)
 
 
 class MemoryCursor:
     """Enough of :class:`pymongo.asynchronous.cursor.AsyncCursor`: sort, limit, to_list, iterate."""
 
-    def __init__(self, run: Callable[[], Iterable[dict[str, Any]]], lock: threading.RLock):
+    def __init__(self, run: Callable[[], Iterable[dict[str, Any]]], server: MemoryServer):
         self._run = run
-        self._lock = lock
+        self._server = server
         self._sort: Any = None
         self._limit = 0
 
@@ -117,7 +48,8 @@ class MemoryCursor:
 
     async def to_list(self, length: int | None = None) -> list[dict[str, Any]]:
         await checkpoint()
-        with self._lock:
+        self._server.check_readable()
+        with self._server.lock:
             cursor: Any = self._run()
             if self._sort:
                 cursor = cursor.sort(self._sort)
@@ -137,32 +69,37 @@ class MemoryCursor:
 class MemoryCollection:
     """The subset of :class:`pymongo.asynchronous.collection.AsyncCollection` we rely on."""
 
-    def __init__(self, sync: Any, database: MemoryDatabase) -> None:
+    def __init__(self, sync: Any, database: MemoryDatabase,
+                 codec_options: CodecOptions[Any]) -> None:
         self._sync = sync
         self.database = database
         self.name: str = sync.name
         self.full_name: str = sync.full_name
-        self._lock = database.client.server.lock
+        self.codec_options = codec_options
+        self._server = database.client.server
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         await checkpoint()
         for arg in (*args, *kwargs.values()):
             if not callable(arg):
-                _refuse_unfaithful(arg, f"{self.name}.{method}")
+                refuse_unfaithful(arg, f"{self.name}.{method}")
         kwargs.pop("session", None)
-        with self._lock:
+        if method in _READS:
+            self._server.check_readable()
+        with self._server.lock:
             return getattr(self._sync, method)(*args, **kwargs)
 
     def with_options(self, codec_options: CodecOptions[Any] | None = None, **kwargs: Any) -> Any:
         return MemoryCollection(
-            self._sync.with_options(codec_options=codec_options, **kwargs), self.database
+            self._sync.with_options(codec_options=codec_options, **kwargs), self.database,
+            codec_options or self.codec_options,
         )
 
     # --- reads ---------------------------------------------------------------------------
     def find(self, filter: Any = None, *args: Any, **kwargs: Any) -> MemoryCursor:
-        _refuse_unfaithful(filter, f"{self.name}.find")
+        refuse_unfaithful(filter, f"{self.name}.find")
         kwargs.pop("session", None)
-        return MemoryCursor(lambda: self._sync.find(filter, *args, **kwargs), self._lock)
+        return MemoryCursor(lambda: self._sync.find(filter, *args, **kwargs), self._server)
 
     async def find_one(self, filter: Any = None, *args: Any, **kwargs: Any) -> Any:
         return await self._call("find_one", filter, *args, **kwargs)
@@ -180,12 +117,13 @@ class MemoryCollection:
         return result
 
     async def aggregate(self, pipeline: list[Any], **kwargs: Any) -> MemoryCursor:
-        _refuse_unfaithful(pipeline, f"{self.name}.aggregate")
+        refuse_unfaithful(pipeline, f"{self.name}.aggregate")
         kwargs.pop("session", None)
         await checkpoint()
-        with self._lock:
+        self._server.check_readable()
+        with self._server.lock:
             documents = list(self._sync.aggregate(pipeline, **kwargs))
-        return MemoryCursor(lambda: _ListCursor(documents), self._lock)
+        return MemoryCursor(lambda: _ListCursor(documents), self._server)
 
     async def index_information(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("index_information")
@@ -199,18 +137,18 @@ class MemoryCollection:
         return await self._call("insert_many", list(documents), **kwargs)
 
     async def update_one(self, filter: Any, update: Any, **kwargs: Any) -> Any:
-        _check_update(update, f"{self.name}.update_one")
+        check_update(update, f"{self.name}.update_one")
         return await self._call("update_one", filter, update, **kwargs)
 
     async def update_many(self, filter: Any, update: Any, **kwargs: Any) -> Any:
-        _check_update(update, f"{self.name}.update_many")
+        check_update(update, f"{self.name}.update_many")
         return await self._call("update_many", filter, update, **kwargs)
 
     async def replace_one(self, filter: Any, replacement: Any, **kwargs: Any) -> Any:
         return await self._call("replace_one", filter, replacement, **kwargs)
 
     async def find_one_and_update(self, filter: Any, update: Any, **kwargs: Any) -> Any:
-        _check_update(update, f"{self.name}.find_one_and_update")
+        check_update(update, f"{self.name}.find_one_and_update")
         return await self._call("find_one_and_update", filter, update, **kwargs)
 
     async def find_one_and_replace(self, filter: Any, replacement: Any, **kwargs: Any) -> Any:
@@ -228,7 +166,7 @@ class MemoryCollection:
     async def bulk_write(self, requests: list[Any], **kwargs: Any) -> Any:
         for request in requests:
             if isinstance(request, UpdateOne | UpdateMany):
-                _check_update(request._doc, f"{self.name}.bulk_write")
+                check_update(request._doc, f"{self.name}.bulk_write")
         return await self._call("bulk_write", list(requests), **kwargs)
 
     async def create_indexes(self, indexes: list[Any], **kwargs: Any) -> list[str]:
@@ -245,11 +183,15 @@ class MemoryCollection:
     async def drop(self, **kwargs: Any) -> None:
         await self._call("drop", **kwargs)
 
-    async def watch(self, *args: Any, **kwargs: Any) -> Any:
-        await checkpoint()
-        raise OperationFailure(
-            "The $changeStream stage is only supported on replica sets", code=40573
-        )
+    async def rename(self, new_name: str, **kwargs: Any) -> None:
+        """Rename the collection (``dropTarget=True`` replaces an existing one)."""
+        await self._call("rename", new_name, **kwargs)
+
+    async def watch(self, pipeline: list[Any] | None = None, **options: Any
+                    ) -> MemoryChangeStream:
+        """A change stream on this collection: see :class:`MemoryChangeStream`."""
+        return await _watch(self._server, Scope(self.database.name, self.name),
+                            self.codec_options, pipeline, options)
 
 
 class _ListCursor:
@@ -269,42 +211,45 @@ class _ListCursor:
 class MemoryDatabase:
     """The subset of :class:`pymongo.asynchronous.database.AsyncDatabase` we rely on."""
 
-    def __init__(self, sync: Any, client: MemoryMongoClient) -> None:
+    def __init__(self, sync: Any, client: MemoryMongoClient,
+                 codec_options: CodecOptions[Any]) -> None:
         self._sync = sync
         self.client = client
         self.name: str = sync.name
+        self.codec_options = codec_options
 
     def get_collection(
         self, name: str, codec_options: CodecOptions[Any] | None = None, **kwargs: Any
     ) -> MemoryCollection:
+        codec_options = codec_options or self.codec_options
         return MemoryCollection(
-            self._sync.get_collection(name, codec_options=codec_options or CODEC_OPTIONS),
-            self,
+            self._sync.get_collection(name, codec_options=codec_options), self, codec_options
         )
 
     def __getitem__(self, name: str) -> MemoryCollection:
         return self.get_collection(name)
 
     async def command(self, command: str | Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """``hello``/``isMaster``/``ping``/``buildInfo``, answered as a standalone server."""
+        """``hello``/``isMaster``, ``ping`` and ``buildInfo``."""
         await checkpoint()
         name = command if isinstance(command, str) else next(iter(command))
         if name in ("hello", "isMaster", "ismaster"):
-            return {
-                "isWritablePrimary": True,
-                "ismaster": True,
-                "localTime": datetime.now(UTC),
-                "maxWireVersion": 21,
-                "ok": 1.0,
-            }
+            return self.client.server.hello()
         if name == "ping":
             return {"ok": 1.0}
         if name == "buildInfo":
             return {"version": mongomock_ng.SERVER_VERSION, "ok": 1.0}
         raise UnsupportedByMemoryBackend(f"the in-memory back end cannot run command {name!r}")
 
+    async def watch(self, pipeline: list[Any] | None = None, **options: Any
+                    ) -> MemoryChangeStream:
+        """A change stream on every collection of this database."""
+        return await _watch(self.client.server, Scope(self.name, None), self.codec_options,
+                            pipeline, options)
+
     async def list_collection_names(self, **kwargs: Any) -> list[str]:
         await checkpoint()
+        self.client.server.check_readable()
         with self.client.server.lock:
             names: list[str] = self._sync.list_collection_names()
         return names
@@ -326,25 +271,26 @@ class MemoryMongoClient:
 
     def __init__(self, server: MemoryServer | None = None) -> None:
         self.server = server or MemoryServer()
-        self._sync: Any = mongomock_ng.MongoClient(
-            _store=self.server.store, tz_aware=True, uuidRepresentation="standard"
-        )
+        self.codec_options = _CLIENT_CODEC_OPTIONS
+        self._sync: Any = self.sync_client()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(server={id(self.server):#x})"
 
     def sync_client(self) -> Any:
         """A synchronous mongomock-ng client on the same data (for APScheduler's built-in
-        store, which drives a synchronous PyMongo client)."""
-        return mongomock_ng.MongoClient(
+        store, which drives a synchronous PyMongo client). Its writes are recorded as
+        change events like this client's; closing it leaves the server's data alone."""
+        return SharedStoreClient(
             _store=self.server.store, tz_aware=True, uuidRepresentation="standard"
         )
 
     def get_database(
         self, name: str, codec_options: CodecOptions[Any] | None = None, **kwargs: Any
     ) -> MemoryDatabase:
+        codec_options = codec_options or CODEC_OPTIONS
         return MemoryDatabase(
-            self._sync.get_database(name, codec_options=codec_options or CODEC_OPTIONS), self
+            self._sync.get_database(name, codec_options=codec_options), self, codec_options
         )
 
     def __getitem__(self, name: str) -> MemoryDatabase:
@@ -356,6 +302,7 @@ class MemoryMongoClient:
 
     async def list_database_names(self) -> list[str]:
         await checkpoint()
+        self.server.check_readable()
         with self.server.lock:
             names: list[str] = self._sync.list_database_names()
         return names
@@ -365,5 +312,19 @@ class MemoryMongoClient:
         with self.server.lock:
             self._sync.drop_database(name)
 
+    async def watch(self, pipeline: list[Any] | None = None, **options: Any
+                    ) -> MemoryChangeStream:
+        """A change stream on every database (``allChangesForCluster``)."""
+        return await _watch(self.server, Scope(None, None), self.codec_options, pipeline,
+                            options)
+
     async def close(self) -> None:
         pass
+
+
+async def _watch(server: MemoryServer, scope: Scope, codec_options: CodecOptions[Any],
+                 pipeline: list[Any] | None, options: dict[str, Any]) -> MemoryChangeStream:
+    """Open a change stream as PyMongo's ``watch()`` does: the ``aggregate`` runs now."""
+    stream = MemoryChangeStream(server, scope, codec_options, pipeline, **options)
+    await stream._initialize()
+    return stream
