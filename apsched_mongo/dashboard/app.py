@@ -324,8 +324,10 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
         except actions.ActionRefused as exc:
             return _problem(dashboard, request, exc.status, "Not done", str(exc))
         except PyMongoError as exc:
-            return _problem(dashboard, request, 503, "MongoDB unreachable",
-                            f"nothing was done: {dashboard.unreachable(exc)}")
+            return _problem(dashboard, request, 503, "MongoDB failed",
+                            f"{dashboard.unreachable(exc)} (the action may or may not have "
+                            "taken effect: the pages show what is stored once MongoDB "
+                            "answers)")
         logger.info("Dashboard action %s: %s", action, message)
         if request.headers.get("authorization"):
             return JSONResponse({"ok": True, "message": message})
