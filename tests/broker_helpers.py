@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 from uuid import uuid4
 
 import anyio
+import attrs
 from apscheduler import Event, JobAdded
+
+from apsched_mongo.eventbroker import MongoDBEventBroker
 
 #: The logger both broker test modules hand to brokers (the ``logs`` fixture watches it)
 LOGGER = logging.getLogger("apsched_mongo.tests.eventbroker")
@@ -49,10 +54,39 @@ class LogWatch(logging.Handler):
     def messages(self, level: int) -> list[str]:
         return [r.getMessage() for r in self.records if r.levelno == level]
 
-    async def wait_for(self, level: int, text: str) -> None:
+    async def wait_for(self, level: int, text: str = "", count: int = 1) -> None:
+        """Until ``count`` records of ``level`` containing ``text`` arrived."""
         with anyio.fail_after(TIMEOUT):
-            while not any(text in message for message in self.messages(level)):
+            while sum(text in message for message in self.messages(level)) < count:
                 await self._arrived.wait()
+
+
+@attrs.define
+class Node:
+    """A started broker and what its subscriber received."""
+
+    broker: MongoDBEventBroker
+    inbox: Inbox
+
+
+StartNode = Callable[..., Awaitable[Node]]
+
+
+@asynccontextmanager
+async def node_starter(make_client: Callable[[], Any],
+                       **defaults: Any) -> AsyncIterator[StartNode]:
+    """``start = node_starter(...)``; ``await start(**broker_kwargs)``: a started broker on
+    a client of its own, with a subscriber recording everything it delivers."""
+    async with AsyncExitStack() as stack:
+
+        async def start(**kwargs: Any) -> Node:
+            broker = MongoDBEventBroker(make_client(), **{**defaults, **kwargs})
+            inbox = Inbox()
+            broker.subscribe(inbox)
+            await broker.start(stack, LOGGER)
+            return Node(broker, inbox)
+
+        yield start
 
 
 def job_added(task_id: str = "task") -> JobAdded:

@@ -38,11 +38,9 @@ pytestmark = pytest.mark.anyio
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture
-async def store(wire: Wire) -> AsyncIterator[tuple[MongoDBDataStore, RecordingBroker]]:
-    # retryWrites=false: the driver's own single retry would hide ours
+async def started_store(uri: str) -> AsyncIterator[tuple[MongoDBDataStore, RecordingBroker]]:
     store = MongoDBDataStore(
-        wire.uri + "&retryWrites=false", database="apscheduler",
+        uri, database="apscheduler",
         retry_settings=RetrySettings(stop=stop_after_attempt(3), wait=wait_fixed(0)),
     )
     async with AsyncExitStack() as stack:
@@ -51,6 +49,13 @@ async def store(wire: Wire) -> AsyncIterator[tuple[MongoDBDataStore, RecordingBr
         with anyio.fail_after(20):
             await store.start(stack, broker, log)
         yield store, broker
+
+
+@pytest.fixture
+async def store(wire: Wire) -> AsyncIterator[tuple[MongoDBDataStore, RecordingBroker]]:
+    # retryWrites=false: the driver's own single retry would hide ours
+    async for started in started_store(wire.uri + "&retryWrites=false"):
+        yield started
 
 
 async def _add_job_while(store: MongoDBDataStore, script: Any) -> Job:
@@ -175,16 +180,8 @@ MAJORITY = {"w": "majority", "wtimeout": 10_000}
 async def retrying_store(wire: Wire) -> AsyncIterator[tuple[MongoDBDataStore, RecordingBroker]]:
     """A store as users run it: the driver's retryable writes on, and ``w=1`` in the URI,
     which the store must override."""
-    store = MongoDBDataStore(
-        wire.uri + "&w=1", database="apscheduler",
-        retry_settings=RetrySettings(stop=stop_after_attempt(3), wait=wait_fixed(0)),
-    )
-    async with AsyncExitStack() as stack:
-        broker = RecordingBroker()
-        await broker.start(stack, log)
-        with anyio.fail_after(20):
-            await store.start(stack, broker, log)
-        yield store, broker
+    async for started in started_store(wire.uri + "&w=1"):
+        yield started
 
 
 def on_the_wire(value: Any) -> Any:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from time import monotonic
 from typing import Any, cast
 
 import anyio
-import attrs
 import pytest
 from apscheduler import (
     AsyncScheduler,
@@ -33,7 +32,7 @@ from tenacity import wait_fixed
 from apsched_mongo import MongoDBDataStore
 from apsched_mongo.eventbroker import MongoDBEventBroker
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
-from tests.broker_helpers import LOGGER, TIMEOUT, Inbox, job_added
+from tests.broker_helpers import TIMEOUT, LogWatch, Node, StartNode, job_added, node_starter
 
 pytestmark = pytest.mark.anyio
 
@@ -47,61 +46,19 @@ def server() -> MemoryServer:
     return MemoryServer(replica_set=True)
 
 
-class Records(logging.Handler):
-    """Counts the brokers' log records by level; tests wait for a number of them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.levels: list[int] = []
-        self._arrived = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.levels.append(record.levelno)
-        self._arrived.set()
-        self._arrived = anyio.Event()
-
-    async def wait_for(self, level: int, count: int = 1) -> None:
-        with anyio.fail_after(TIMEOUT):
-            while self.levels.count(level) < count:
-                await self._arrived.wait()
-
-
-@pytest.fixture
-def records() -> Iterator[Records]:
-    handler = Records()
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.DEBUG)
-    yield handler
-    LOGGER.removeHandler(handler)
-
-
-@attrs.define
-class Node:
-    broker: MongoDBEventBroker
-    inbox: Inbox
-
-
-StartNode = Callable[..., Awaitable[Node]]
-
-
 @pytest.fixture
 async def start_node(server: MemoryServer) -> AsyncIterator[StartNode]:
-    """``await start_node()``: a started broker on its own client of ``server``, with a
-    subscriber recording what it delivers."""
-    async with AsyncExitStack() as stack:
+    """``await start_node()``: a started broker on its own client of ``server``, in
+    change-stream mode, with a subscriber recording what it delivers."""
+    async with node_starter(lambda: MemoryMongoClient(server), database=DATABASE,
+                            poll_interval=HOURLY, retry_settings=FAST_RETRIES) as start:
 
-        async def start(**kwargs: Any) -> Node:
-            kwargs.setdefault("database", DATABASE)
-            kwargs.setdefault("poll_interval", HOURLY)
-            kwargs.setdefault("retry_settings", FAST_RETRIES)
-            broker = MongoDBEventBroker(MemoryMongoClient(server), **kwargs)
-            inbox = Inbox()
-            broker.subscribe(inbox)
-            await broker.start(stack, LOGGER)
-            assert broker.active_mode == "change_stream"
-            return Node(broker, inbox)
+        async def start_streaming(**kwargs: Any) -> Node:
+            node = await start(**kwargs)
+            assert node.broker.active_mode == "change_stream"
+            return node
 
-        yield start
+        yield start_streaming
 
 
 # --- delivery ---------------------------------------------------------------------------------
@@ -253,7 +210,7 @@ async def test_an_interrupted_stream_resumes_without_loss_or_repeat(
 
 
 async def test_a_step_down_and_election_lose_and_repeat_nothing(
-    server: MemoryServer, start_node: StartNode, records: Records
+    server: MemoryServer, start_node: StartNode, logs: LogWatch
 ) -> None:
     """The interruption reaches the brokers (their driver's own resume finds no primary):
     each reopens after its last token once a primary is elected. A publish made during the
@@ -262,7 +219,7 @@ async def test_a_step_down_and_election_lose_and_repeat_nothing(
     await a.broker.publish(first := job_added("first"))
     await b.inbox.wait_for(1)
     server.step_down(election_after=None)
-    await records.wait_for(logging.WARNING)  # the interruption reached a broker
+    await logs.wait_for(logging.WARNING)  # the interruption reached a broker
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.broker.publish, second := job_added("second"))
         await anyio.wait_all_tasks_blocked()
@@ -274,14 +231,14 @@ async def test_a_step_down_and_election_lose_and_repeat_nothing(
 
 
 async def test_a_dropped_events_collection_invalidates_and_delivery_goes_on(
-    server: MemoryServer, start_node: StartNode, records: Records
+    server: MemoryServer, start_node: StartNode, logs: LogWatch
 ) -> None:
     a, b = await start_node(), await start_node()
     await a.broker.publish(first := job_added("first"))
     await b.inbox.wait_for(1)
     events = MemoryMongoClient(server)[DATABASE]["apsched_events"]
     await events.drop()
-    await records.wait_for(logging.WARNING, 2)  # each node reports the invalidate
+    await logs.wait_for(logging.WARNING, count=2)  # each node reports the invalidate
     await a.broker.publish(second := job_added("second"))
     await b.inbox.wait_for(2)  # (a node's own events are delivered to it at once)
     await b.broker.publish(third := job_added("third"))
@@ -292,13 +249,13 @@ async def test_a_dropped_events_collection_invalidates_and_delivery_goes_on(
 
 
 async def test_a_lost_history_is_reported_and_listening_restarts_from_now(
-    server: MemoryServer, start_node: StartNode, records: Records
+    server: MemoryServer, start_node: StartNode, logs: LogWatch
 ) -> None:
     a, b = await start_node(), await start_node()
     await a.broker.publish(first := job_added("first"))
     await b.inbox.wait_for(1)
     server.drop_change_history()
-    await records.wait_for(logging.ERROR, 2)  # each node says events may have been missed
+    await logs.wait_for(logging.ERROR, count=2)  # each node says events may have been missed
     await anyio.wait_all_tasks_blocked()  # both listening again, from now
     await a.broker.publish(second := job_added("second"))
     assert await b.inbox.wait_for(2) == [first, second]
