@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -129,8 +130,10 @@ def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -
                          ignored_exceptions=(StaleElementReferenceException,))
 
     def text(selector: str) -> str:
+        """The element's text, or "" while there is none (e.g. mid-navigation)."""
         return str(browser.execute_script(
-            "return document.querySelector(arguments[0]).innerText", selector))
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''",
+            selector))
 
     def card(label: str) -> str:
         """A card's value, read in one script run (atomic with respect to refreshes)."""
@@ -199,7 +202,8 @@ def test_dashboard_in_a_real_browser(demo: Demo, browser: Any, tmp_path: Path) -
     browser.get(url + "login?next=/schedules")
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
     browser.find_element(By.CSS_SELECTOR, ".login button").click()
-    wait.until(lambda d: d.current_url.endswith("/schedules"))
+    # (the login page's own address ends in "?next=/schedules": wait for the path)
+    wait.until(lambda d: urlsplit(d.current_url).path == "/schedules")
     assert "actions enabled" in text("header .mode")
     click(pause_tick)
     wait.until(lambda d: "paused schedule 'tick'" in text(".notice"))
