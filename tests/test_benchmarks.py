@@ -144,7 +144,8 @@ async def test_tiny_run_reports_every_section_with_goals_and_ratios(tmp_path: Pa
                 "direct.lifecycle.1", "direct.wakeup"):
         assert rows[key]["ours"] is not None, key
     assert rows["broker.batched.lost"]["ours"] == 0
-    # A serial task's release and the next claim cannot overlap, whatever the store
-    assert rows["drain.1.round_trips"]["ours"] >= 2
+    # A serial task's jobs run one after another: at least one round trip each (ours
+    # releases a job and claims the next in the same write)
+    assert rows["drain.1.round_trips"]["ours"] >= 1
     assert markdown(figures, "title").index(DEFAULT) < markdown(figures, "title").index(
         UNLIMITED)
