@@ -25,6 +25,7 @@ COMMANDS = {
     "demo": ("apsched_mongo.demo", "run a scheduler demo (in memory when no --uri is given)"),
     "doctor": ("apsched_mongo.doctor", "check a MongoDB deployment and the stored scheduler data"),
     "migrate": ("apsched_mongo.migrate", "copy data from APScheduler's built-in MongoDB store"),
+    "dashboard": ("apsched_mongo.dashboard", "serve a web page showing the whole cluster"),
 }
 
 

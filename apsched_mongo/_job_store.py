@@ -165,13 +165,24 @@ class JobStore(StoreBase):
             lease = uuid4().hex
             claim = {"acquired_by": scheduler_id,
                      "acquired_until": server_now + lease_duration, "lease": lease}
-            if plan.action == "claim":
-                claimed = await self._claim_by_id(plan.jobs, claim)
-                if claimed is None:
-                    continue  # the picture was stale: plan again
-            else:
-                claimed = await self._read_and_claim(
-                    None if limit is None else limit - len(handed), claim)
+            # A claim that reached the server must be known here, even if the scheduler
+            # stops meanwhile (it cancels this call): then the jobs are kept to be
+            # unclaimed and announced again when the store stops, not left to expire
+            with anyio.CancelScope(shield=True):
+                if plan.action == "claim":
+                    claimed = await self._claim_by_id(plan.jobs, claim)
+                else:
+                    claimed = await self._read_and_claim(
+                        None if limit is None else limit - len(handed), claim)
+            try:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            except anyio.get_cancelled_exc_class():
+                for document in [*handed, *(claimed or ())]:
+                    self._leases[document["_id"]] = document["lease"]
+                    self._preclaimed[document["_id"]] = document
+                raise
+            if claimed is None:
+                continue  # the picture was stale: plan again
             return await self._start_claimed(scheduler_id, handed + claimed)
 
     async def _claim_by_id(self, jobs: Sequence[tuple[UUID, str, int | None]],
@@ -400,8 +411,12 @@ class JobStore(StoreBase):
                 "acquired_by": {"$in": [scheduler_id, None]}, "abandoned": {"$exists": False}}
 
     async def _deleted_by_us(self, job_id: UUID) -> bool:
-        """After a lost reply, whether our delete of a job we held landed: a node that took
-        the job over as abandoned leaves a marker; no marker means we deleted it."""
+        """After a lost reply, whether our delete of a job we held landed. Our delete
+        filters on our lease, so a job still there was taken over (its lease replaced) by
+        a node releasing it as abandoned. A job gone was deleted by us, or by such a node,
+        which writes the job's marker before its delete: no marker, so it was us."""
+        if await self._jobs.find_one({"_id": job_id}, projection={"_id": True}):
+            return False
         marker = await self._results.find_one({"_id": _release_marker_id(job_id)},
                                               projection={"_id": True})
         return marker is None
@@ -460,9 +475,17 @@ class JobStore(StoreBase):
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         """Delete the job (the commit point), store its result, publish ``JobReleased``.
-        When the next job in line is one this node added and its scheduler has room, the
+        When the next job in line is one this node knows and its scheduler has room, the
         same write also claims it, so the scheduler's next :meth:`acquire_jobs` hands it
-        over without a round trip."""
+        over without a round trip.
+
+        A release is finished even when the caller is cancelled meanwhile (APScheduler
+        cancels running jobs when it stops): after the commit point the event must go out.
+        The retry settings bound how long that can take."""
+        with anyio.CancelScope(shield=True):
+            await self._release_job(scheduler_id, job, result)
+
+    async def _release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         self._spare += 1  # the scheduler has room for one more
         follower = self._follower(scheduler_id, job)
         if follower is None:
@@ -585,7 +608,14 @@ class JobStore(StoreBase):
                                   outcome: JobOutcome, what: str) -> int:
         """Finish releasing jobs this call took over (their lease is ``lease``): results and
         markers first (the markers tell an owner retrying its own release that it lost),
-        then the delete, then one ``JobReleased`` each. Returns how many were released."""
+        then the delete, then one ``JobReleased`` each. Returns how many were released.
+        Shielded from cancellation, like :meth:`release_job`."""
+        with anyio.CancelScope(shield=True):
+            released = await self._finish_takeover(documents, lease, outcome, what)
+        return released
+
+    async def _finish_takeover(self, documents: list[dict[str, Any]], lease: str,
+                               outcome: JobOutcome, what: str) -> int:
         now = self.local_clock()
         released: list[tuple[dict[str, Any], JobResult, Job | None]] = []
         for document in documents:

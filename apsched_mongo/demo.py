@@ -27,6 +27,7 @@ from ._cli import (
     uri_argument,
 )
 from ._client import redact
+from .dashboard import FreeLocalPort
 from .datastore import MongoDBDataStore
 from .errors import ApschedMongoError, ServerUnreachableError
 from .eventbroker import MongoDBEventBroker
@@ -83,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true",
                         help="make the in-memory MongoDB a standalone server (the broker "
                              "polls) instead of a replica set (change streams)")
+    parser.add_argument("--dashboard", nargs="?", action=FreeLocalPort, const="8800",
+                        metavar="PORT",
+                        help="also serve the operator dashboard on 127.0.0.1:PORT (8800) and "
+                             "run until Ctrl-C instead of --seconds")
 
 
 def _make_broker(kind: str, client: Any, database: str) -> EventBroker | None:
@@ -130,8 +135,14 @@ async def _main(args: argparse.Namespace) -> None:
                                  conflict_policy=ConflictPolicy.replace)
         for scheduler in schedulers:
             await scheduler.start_in_background()
-        print(f"{args.nodes} scheduler(s) running for {args.seconds:g} s ...", flush=True)
-        await anyio.sleep(args.seconds)
+        if args.dashboard is not None:
+            from .dashboard.server import serve_beside_demo
+
+            print(f"{args.nodes} scheduler(s) running ...", flush=True)
+            await serve_beside_demo(make_client(), args.database, args.dashboard)
+        else:
+            print(f"{args.nodes} scheduler(s) running for {args.seconds:g} s ...", flush=True)
+            await anyio.sleep(args.seconds)
         for scheduler in schedulers:
             await scheduler.stop()
 

@@ -177,6 +177,8 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     _node_id: str = attrs.field(init=False, factory=lambda: uuid4().hex)
     _seq: int = attrs.field(init=False, default=0)
     _outbox: list[dict[str, Any]] = attrs.field(init=False, factory=list)
+    #: when the oldest event in the outbox was published (anyio's clock)
+    _oldest_at: float = attrs.field(init=False, default=0.0)
     _outbox_changed: anyio.Event = attrs.field(init=False, factory=anyio.Event)
     _stopping: bool = attrs.field(init=False, default=False)
     _sending: bool = attrs.field(init=False, default=False)
@@ -277,6 +279,8 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         await self.publish_local(event)
         while len(self._outbox) >= MAX_OUTBOX:  # the server is unreachable: wait for room
             await self._outbox_changed.wait()
+        if not self._outbox:
+            self._oldest_at = anyio.current_time()
         self._outbox.append({"type": type(event).__name__, "payload": payload})
         self._signal_outbox()
 
@@ -303,9 +307,10 @@ class MongoDBEventBroker(BaseExternalEventBroker):
                     if self._stopping:
                         return
                     await self._outbox_changed.wait()
-                # Linger for more events. The deadline is checked on every wake-up: under a
-                # steady stream of events a timeout alone may never get to fire
-                deadline = anyio.current_time() + self.publish_delay
+                # Linger for more events, until publish_delay after the oldest one was
+                # published (however long the previous write took). The deadline is checked
+                # on every wake-up: under a steady stream a timeout alone may never fire
+                deadline = self._oldest_at + self.publish_delay
                 while (len(self._outbox) < MAX_BATCH_EVENTS and not self._stopping
                        and (left := deadline - anyio.current_time()) > 0):
                     with anyio.move_on_after(left):
@@ -330,6 +335,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
                 break
             count += 1
         batch, self._outbox = self._outbox[:count], self._outbox[count:]
+        self._oldest_at = anyio.current_time()  # what is left was published by now
         self._signal_outbox()
         return batch
 

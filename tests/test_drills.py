@@ -19,6 +19,7 @@ from apscheduler import (
     Job,
     JobOutcome,
     JobReleased,
+    JobResult,
     RetrySettings,
     Schedule,
     current_job,
@@ -580,3 +581,144 @@ def test_password_never_leaks_from_an_invalid_uri(uri: str) -> None:
         with pytest.raises(ValueError) as broker_info:
             MongoDBEventBroker(uri)
         assert_no_secret(exception_text(broker_info.value))
+
+
+class LoseReply(FaultPlan):
+    """Loses the reply of the first call of each named operation (applied, then an error)."""
+
+    def __init__(self, *operations: str) -> None:
+        super().__init__(seed=0, enabled=True)
+        self.pending = set(operations)
+
+    def check_before(self, what: str, args: tuple[Any, ...] = (),
+                     kwargs: dict[str, Any] | None = None) -> str | None:
+        self.attempts[what] += 1
+        if what in self.pending:
+            self.pending.discard(what)
+            return "after"
+        return None
+
+
+async def test_a_release_retried_while_a_reaper_takes_the_job_over_is_published_once(
+    backend: Backend,
+) -> None:
+    """Node A's lease on a job is taken over by a reaper (a node restarted under A's name)
+    which has not yet written the job's release marker; A's own release then loses its
+    reply and retries. The job must be released once: by the reaper, whose takeover came
+    first (A's delete, filtered on A's lease, matched nothing)."""
+    released: list[JobReleased] = []
+    async with AsyncExitStack() as stack:
+        broker = SharedBroker()
+        await broker.start_shared(stack, quiet)
+        on(broker, JobReleased, released.append)
+        a_plan, reaper_plan = LoseReply("apsched_jobs.delete_one"), FaultPlan(seed=0, rate=0)
+        stores = []
+        for plan in (a_plan, reaper_plan):
+            store = MongoDBDataStore(FaultyClient(backend.client(), plan),
+                                     database=backend.database, retry_settings=FAST_RETRY)
+            await store.start(stack, broker, quiet)
+            stores.append(store)
+        node_a, reaper = stores
+        await node_a.add_task(make_task(max_running_jobs=None))
+        await node_a.add_job(Job(task_id="drill", executor="async"))
+        [job] = await node_a.acquire_jobs("node-a", timedelta(minutes=5), 1)
+
+        taken_over, a_done = anyio.Event(), anyio.Event()
+
+        async def reaper_gate(what: str) -> None:
+            if what == "apsched_jobs.find":  # its takeover is done: A may release now
+                taken_over.set()
+            if what == "apsched_job_results.insert_many":  # the marker waits for A
+                await a_done.wait()
+
+        reaper_plan.gate = reaper_gate
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reaper.reap_abandoned_jobs, "node-a")
+                await taken_over.wait()
+                await node_a.release_job("node-a", job, JobResult.from_job(
+                    job, JobOutcome.success))
+                a_done.set()
+    assert not a_plan.pending  # A's delete did lose its reply
+    assert [(e.job_id, e.outcome) for e in released] == [(job.id, JobOutcome.abandoned)]
+
+
+async def _held_store(backend: Backend, stack: AsyncExitStack, hold: str
+                      ) -> tuple[MongoDBDataStore, Any, anyio.Event, anyio.Event]:
+    """A store whose operation ``hold`` waits, once, until the test lets it go."""
+    from tests.conftest import RecordingBroker
+
+    plan = FaultPlan(seed=0, rate=0)
+    held, go = anyio.Event(), anyio.Event()
+
+    async def gate(what: str) -> None:
+        if what == hold and not go.is_set():
+            held.set()
+            await go.wait()
+
+    broker = RecordingBroker()
+    await broker.start(stack, quiet)
+    store = MongoDBDataStore(FaultyClient(backend.client(), plan), database=backend.database,
+                             retry_settings=FAST_RETRY)
+    await store.start(stack, broker, quiet)
+    await store.add_task(make_task(max_running_jobs=None))
+    plan.gate = gate
+    return store, broker, held, go
+
+
+async def test_a_release_cancelled_after_its_commit_point_still_publishes(
+    backend: Backend,
+) -> None:
+    """APScheduler cancels running jobs when it stops; a release already past its delete
+    must still store the result and publish JobReleased."""
+    async with AsyncExitStack() as stack:
+        store, broker, held, go = await _held_store(backend, stack,
+                                                    "apsched_job_results.insert_many")
+        await store.add_job(Job(task_id="drill", executor="async",
+                                result_expiration_time=timedelta(minutes=5)))
+        [job] = await store.acquire_jobs("node", timedelta(minutes=5), 1)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.release_job, "node", job,
+                              JobResult.from_job(job, JobOutcome.success, return_value=7))
+                await held.wait()  # deleted; the result is being stored
+                tg.cancel_scope.cancel()
+                go.set()
+        assert [e.job_id for e in broker.of_type(JobReleased)] == [job.id]
+        result = await store.get_job_result(job.id)
+        assert result is not None and result.return_value == 7
+
+
+async def test_jobs_claimed_by_a_cancelled_acquire_are_returned_when_the_store_stops(
+    backend: Backend,
+) -> None:
+    """A scheduler stopping while its claim is on the wire: the claim lands, the caller
+    is gone. The jobs are not left claimed until their lease expires; they are unclaimed
+    and announced again when the store stops, so another node runs them."""
+    from apscheduler import JobAcquired, JobAdded
+
+    async with AsyncExitStack() as outer:
+        async with AsyncExitStack() as stack:
+            store, broker, held, go = await _held_store(backend, stack,
+                                                        "apsched_jobs.find_one_and_update")
+            job = Job(task_id="drill", executor="async")
+            await store.add_job(job)
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(store.acquire_jobs, "node", timedelta(minutes=5), 1)
+                    await held.wait()  # the claim is about to reach the server
+                    tg.cancel_scope.cancel()
+                    go.set()
+        jobs = backend.db()["apsched_jobs"]
+        [document] = await jobs.find({}).to_list(None)
+        assert document.get("acquired_by") is None
+        assert [type(e) for e in broker.events if hasattr(e, "job_id")] == [JobAdded, JobAdded]
+        assert broker.of_type(JobAcquired) == []
+        other = backend.store()
+        from tests.conftest import RecordingBroker
+
+        other_broker = RecordingBroker()
+        await other_broker.start(outer, quiet)
+        await other.start(outer, other_broker, quiet)
+        assert [j.id for j in await other.acquire_jobs("other", timedelta(minutes=5), 1)] == [
+            job.id]

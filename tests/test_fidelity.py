@@ -275,3 +275,27 @@ async def test_closing_a_synchronous_client_leaves_the_server_alone(replica_set:
     await client["db"]["c"].insert_one({"_id": 1})
     client.sync_client().close()
     assert await client["db"]["c"].count_documents({}) == 1
+
+
+async def test_lookups_by_id_match_what_a_scan_matches(coll: Any) -> None:
+    """The fake looks documents named by ``_id`` up directly (as MongoDB's ``_id`` index
+    does) instead of scanning: the answers must be a scan's, for equality and ``$in``, with
+    the rest of the filter applied, for reads, updates and deletes alike."""
+    ids = [uuid4() for _ in range(4)]
+    await coll.insert_many([{"_id": i, "n": n, "tag": "a" if n % 2 else "b"}
+                            for n, i in enumerate(ids)])
+    await coll.insert_one({"_id": "text", "n": 9})
+    await coll.insert_one({"_id": 7, "n": 7})
+    scan = {"$and": [{"n": {"$gte": 0}}]}  # forces the plain path
+    for query in ({"_id": ids[1]}, {"_id": ids[1], "tag": "b"}, {"_id": "text"},
+                  {"_id": 7.0}, {"_id": {"$in": [ids[0], ids[3], "missing", ids[0]]}},
+                  {"_id": {"$in": [ids[2]]}, "tag": "b"}, {"_id": uuid4()}):
+        looked_up = sorted(d["n"] for d in await coll.find(query).to_list(None))
+        scanned = sorted(d["n"] for d in await coll.find({**scan, **query}).to_list(None))
+        assert looked_up == scanned, query
+    assert (await coll.update_one({"_id": ids[0], "tag": "a"}, {"$set": {"x": 1}})
+            ).modified_count == 0
+    assert (await coll.update_one({"_id": ids[0], "tag": "b"}, {"$set": {"x": 1}})
+            ).modified_count == 1
+    assert (await coll.delete_many({"_id": {"$in": ids}, "tag": "a"})).deleted_count == 2
+    assert await coll.count_documents({"_id": {"$in": [*ids, "text", 7]}}) == 4

@@ -10,6 +10,7 @@ writes to it.
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import mongomock_ng
 import mongomock_ng.aggregate
 import mongomock_ng.collection
 import mongomock_ng.database
+from bson import ObjectId
 from mongomock_ng.filtering import filter_applies
 
 from ..errors import UnsupportedByMemoryBackend
@@ -43,6 +45,40 @@ def _ensure_uniques_of_indexed(self: Any, new_data: Any) -> None:
 
 
 _Collection._ensure_uniques = _ensure_uniques_of_indexed  # type: ignore[method-assign]
+
+_iter_documents = _Collection._iter_documents
+_PLAIN_IDS = (str, int, float, bytes, uuid.UUID, ObjectId)
+
+
+def _ids_named(filter: Any) -> list[Any] | None:
+    """The ``_id`` values a filter's equality or ``$in`` on ``_id`` names, or None."""
+    if not isinstance(filter, dict) or "_id" not in filter:
+        return None
+    value = filter["_id"]
+    if isinstance(value, dict) and set(value) == {"$in"} and isinstance(value["$in"], list):
+        values = value["$in"]
+    else:
+        values = [value]
+    if all(isinstance(v, _PLAIN_IDS) and not isinstance(v, bool) for v in values):
+        return values
+    return None
+
+
+def _iter_documents_by_id(self: Any, filter: Any) -> Any:
+    """Where a filter names documents by ``_id``, look them up rather than scan the whole
+    collection, as MongoDB uses its ``_id`` index: the documents found are the same (the
+    whole filter still decides), the cost follows the ids named, not the collection."""
+    ids = _ids_named(filter)
+    if ids is None:
+        return _iter_documents(self, filter)  # type: ignore[no-untyped-call]
+    store = self._store
+    store._remove_expired_documents()  # TTL, as a scan would apply it
+    found = [store._documents[i] for i in dict.fromkeys(ids) if i in store._documents]
+    return (document for document in found
+            if filter_applies(filter, document))  # type: ignore[no-untyped-call]
+
+
+_Collection._iter_documents = _iter_documents_by_id  # type: ignore[method-assign]
 
 
 class SharedStoreClient(_Client):  # type: ignore[type-arg]
