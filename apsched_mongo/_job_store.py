@@ -30,6 +30,7 @@ from ._store_base import (
     JOB_ORDER,
     TAKEOVER_WINDOW,
     StoreBase,
+    _duplicate_of,
     _raise_unless_duplicates,
 )
 
@@ -67,12 +68,26 @@ class JobStore(StoreBase):
         claim = await self._claim_on_insert(job)
         seen = partial(self._view.has_seen, job.id)
         try:
-            inserted = await self._insert_once("add_job", self._jobs, {**document, **claim},
-                                               seen=seen)
-        except DuplicateKeyError:  # the slot: a job we had not heard of runs the task
-            self._view.slot_taken(job.task_id)
-            claim = {}
-            inserted = await self._insert_once("add_job", self._jobs, document, seen=seen)
+            try:
+                inserted = await self._insert_once("add_job", self._jobs, {**document, **claim},
+                                                   seen=seen)
+            except DuplicateKeyError as exc:
+                if not _duplicate_of(exc, "slot"):
+                    raise
+                # the slot: a job we had not heard of runs the task
+                self._view.slot_taken(job.task_id)
+                claim = {}
+                inserted = await self._insert_once("add_job", self._jobs, document, seen=seen)
+        except DuplicateKeyError as exc:
+            if not _duplicate_of(exc, "scheduled_fire_time"):
+                raise
+            # This fire time's job exists: added by a node that fired the schedule and
+            # stopped before recording it. Adding it again would run the fire time twice
+            self._logger.warning(
+                "Not adding a second job for schedule %r at %s: one exists already",
+                job.schedule_id, job.scheduled_fire_time,
+            )
+            return
         if not inserted:
             raise ConflictingIdError(str(job.id))  # type: ignore[no-untyped-call]
         if claim:

@@ -97,7 +97,7 @@ class StoreBase(BaseExternalDataStore):
             try:
                 await collection.insert_one(document)
             except DuplicateKeyError as exc:
-                if not _duplicate_id(exc):
+                if not _duplicate_of(exc, "_id"):
                     raise  # another unique index: the caller decides
                 return False
             return True
@@ -162,10 +162,16 @@ class StoreBase(BaseExternalDataStore):
         self._view.learn_limit(document["_id"], document.get("max_running_jobs"))
 
 
-def _duplicate_id(exc: DuplicateKeyError) -> bool:
-    """Whether the duplicate key is the ``_id`` (not another unique index)."""
+def _duplicate_of(exc: DuplicateKeyError, field: str) -> bool:
+    """Whether the duplicate key is in the unique index whose last field is ``field``
+    (``_id``, ``slot`` of ``apsched_task_slot``, ``scheduled_fire_time`` of
+    ``apsched_fire``): from the server's ``keyPattern``, or its message before 4.4."""
     pattern = (exc.details or {}).get("keyPattern")
-    return pattern == {"_id": 1} if pattern else "index: _id_ " in str(exc)
+    if pattern:
+        return bool(list(pattern)[-1] == field)
+    index = {"_id": "_id_", "slot": "apsched_task_slot",
+             "scheduled_fire_time": "apsched_fire"}[field]
+    return f"index: {index} " in str(exc)
 
 
 def _raise_unless_duplicates(exc: BulkWriteError) -> None:

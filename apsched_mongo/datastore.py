@@ -31,6 +31,7 @@ from apscheduler import (
 from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
 from pymongo import ASCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 from . import _codec
 from ._client import (
@@ -95,6 +96,12 @@ def index_specs() -> dict[str, list[IndexSpec]]:
             # One running job per (task, slot): how max_running_jobs is enforced atomically
             IndexSpec("apsched_task_slot", [("task_id", ASCENDING), ("slot", ASCENDING)],
                       unique=True, partial={"slot": exists}),
+            # One job per (schedule, fire time) while it exists: a node that fires a schedule
+            # again after a crash or stop before recording the fire adds nothing twice
+            IndexSpec("apsched_fire", [("schedule_id", ASCENDING),
+                                       ("scheduled_fire_time", ASCENDING)],
+                      unique=True, partial={"schedule_id": {"$type": "string"},
+                                            "scheduled_fire_time": {"$type": "date"}}),
         ],
         "job_results": [
             # TTL: the server deletes results (and release markers) once expires_at passed
@@ -256,7 +263,19 @@ class MongoDBDataStore(JobStore, ScheduleStore):
 
     async def _create_indexes(self) -> None:
         for name, specs in index_specs().items():
-            await ensure_indexes(getattr(self, _COLLECTION_ATTRIBUTES[name]), specs)
+            collection = getattr(self, _COLLECTION_ATTRIBUTES[name])
+            try:
+                await ensure_indexes(collection, specs)
+            except DuplicateKeyError:
+                # Data written before apsched_fire existed holds a fire time twice: start
+                # without it; it is created at a later start, once those jobs have run
+                self._logger.warning(
+                    "%s holds more than one job for a schedule's fire time (written by an "
+                    "earlier version); apsched_fire will be created once they have run",
+                    collection.full_name,
+                )
+                await ensure_indexes(collection, [spec for spec in specs
+                                                  if spec.name != "apsched_fire"])
 
     # --- what other nodes did ---------------------------------------------------------------
 

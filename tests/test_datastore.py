@@ -246,7 +246,8 @@ async def test_add_and_get_jobs_in_queue_order(started: Any) -> None:
     store, broker = await started()
     base = datetime(2030, 1, 1, tzinfo=UTC)
     jobs = [make_job(created_at=base + timedelta(seconds=s), args=(s,), kwargs={"k": s},
-                     schedule_id="sched", scheduled_fire_time=base, metadata={"n": s})
+                     schedule_id="sched", scheduled_fire_time=base + timedelta(minutes=s),
+                     metadata={"n": s})
             for s in (3, 1, 2)]
     for job in jobs:
         await store.add_job(job)
@@ -651,3 +652,36 @@ async def test_a_job_claimed_on_insert_by_a_stopping_node_goes_to_another(
         assert taken.id == job.id
     assert [(type(e), e.job_id) for e in heard] == [
         (JobAdded, job.id), (JobAdded, job.id), (JobAcquired, job.id)]
+
+
+async def test_a_fire_time_gets_one_job_even_when_fired_twice(
+    started: Any, caplog_warnings: Any
+) -> None:
+    """A node that fires a schedule and stops before recording it leaves the fire time to
+    be fired again by whoever takes the schedule over: its job is not added twice."""
+    store, broker = await started()
+    fire_time = datetime(2030, 1, 1, tzinfo=UTC)
+    first = make_job(schedule_id="s", scheduled_fire_time=fire_time)
+    again = make_job(schedule_id="s", scheduled_fire_time=fire_time)
+    other_time = make_job(schedule_id="s", scheduled_fire_time=fire_time + timedelta(hours=1))
+    run_now = [make_job(schedule_id="s"), make_job(schedule_id="s")]  # no fire time
+    for job in (first, again, other_time, *run_now):
+        await store.add_job(job)
+    assert {job.id for job in await store.get_jobs()} == {
+        first.id, other_time.id, *(job.id for job in run_now)}
+    assert again.id not in {event.job_id for event in broker.of_type(JobAdded)}
+    assert "one exists already" in caplog_warnings.text
+
+
+async def test_fire_times_stored_twice_by_an_older_version_do_not_stop_the_store(
+    started: Any, backend: Any, caplog_warnings: Any
+) -> None:
+    jobs = backend.db()["apsched_jobs"]
+    fire_time = datetime(2030, 1, 1, tzinfo=UTC)
+    await jobs.insert_many([{"_id": n, "task_id": "task", "schedule_id": "s",
+                             "scheduled_fire_time": fire_time, "queue_order": n}
+                            for n in range(2)])
+    await started()
+    assert "apsched_fire will be created" in caplog_warnings.text
+    assert "apsched_fire" not in await jobs.index_information()
+    assert "apsched_queue" in await jobs.index_information()
