@@ -1,6 +1,6 @@
-"""What running the real driver against the wire front found in the data store, pinned as
-deterministic tests through the public API. Each is a strict xfail naming the problem
-until it is fixed (then it passes, and the xfail marker must go)."""
+"""What running the real driver and separate processes against the wire front found in the
+data store, pinned as deterministic tests through the public API. Each failed before its
+fix (named in its docstring) and guards it now."""
 
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "datastore._release_owned: a release retried after both of the driver's attempts were "
-    "lost concludes 'no job and no marker: our first attempt deleted it' while another "
-    "node has taken the job over (lease replaced) but not yet written its marker; both "
-    "publish JobReleased (success, then abandoned)"))
 async def test_a_retried_release_racing_a_takeover_is_published_once() -> None:
-    """Node A runs job J. A node restarted under A's identity reaps A's jobs: it takes J over
+    """Found by the multi-process fault drill: a release retried after both of the driver's
+    attempts were lost concluded "no job and no marker: our first attempt deleted it" while
+    another node had taken the job over but not yet written its marker, and both published
+    JobReleased (success, then abandoned).
+
+    Node A runs job J. A node restarted under A's identity reaps A's jobs: it takes J over
     (its lease replaces A's) and is about to write J's release marker (held here). Now A
     finishes J; both of the driver's attempts of A's delete are dropped (connection
     resets), so the store retries: its delete finds no job of A's lease, and no marker."""
@@ -81,11 +81,10 @@ async def test_a_retried_release_racing_a_takeover_is_published_once() -> None:
     assert len(released) == 1, released  # one winner, whichever it is
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "datastore.release_job is not shielded from cancellation: a scheduler stopping (which "
-    "cancels its running jobs' tasks) after the release's delete and result insert but "
-    "before its publish leaves the job released with no JobReleased event for anyone"))
 async def test_a_release_cancelled_after_its_commit_point_is_still_published() -> None:
+    """Found by the rolling-restart drill: a scheduler stopping (which cancels its running
+    jobs' tasks) after a release's delete but before its publish left the job released with
+    no JobReleased event (and often no result) for anyone."""
     with MemoryWireServer(MemoryServer(replica_set=True)) as front:
         async with AsyncExitStack() as stack:
             broker = RecordingBroker()
@@ -98,7 +97,7 @@ async def test_a_release_cancelled_after_its_commit_point_is_still_published() -
             [job] = await store.acquire_jobs("node", timedelta(minutes=5), 1)
 
             result = front.inject("stall", command="insert", namespace="*_job_results",
-                                  seconds=30)
+                                  seconds=1)
             async with anyio.create_task_group() as group:
                 group.start_soon(store.release_job, "node", job, JobResult.from_job(
                     job, JobOutcome.success, return_value=1))
@@ -109,12 +108,11 @@ async def test_a_release_cancelled_after_its_commit_point_is_still_published() -
     assert len(released) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a scheduler stopped while firing a schedule (its job added, the schedule not yet "
-    "released) leaves the schedule leased to its identity; restarted under that identity "
-    "it re-acquires the schedule and adds a second job for the same fire time (add_job is "
-    "not idempotent per schedule and fire time)"))
 async def test_a_fire_time_interrupted_by_a_stop_is_not_fired_twice_after_a_restart() -> None:
+    """Found by the rolling-restart drill: a scheduler stopped while firing a schedule (its
+    job added, the schedule not yet released) left the schedule leased to its identity;
+    restarted under that identity it re-acquired it and added a second job for the same
+    fire time."""
     with MemoryWireServer(MemoryServer(replica_set=True)) as front:
         async with AsyncExitStack() as stack:
             setup = MongoDBDataStore(front.uri, database="refire", retry_settings=FAST_RETRY)
