@@ -27,6 +27,9 @@ KNOWN_DIFFERENCES: dict[str, str] = {
         "writer's first insert opens a second connection (its change stream's getMore holds "
         "the first), 10-40 ms on a busy machine, so fewer documents fit (a real server "
         "too)",
+    "tests/test_dashboard_app.py::test_unreachable_server_then_recovery[real]":
+        "expects the outage message to name 'memory' (MemoryMongoClient's description); "
+        "through a real client it names the server's host:port (so with --mongod too)",
 }
 STARTUP_TIMEOUT = 60.0
 
