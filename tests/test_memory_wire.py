@@ -171,6 +171,25 @@ def test_find_and_modify(client: MongoClient[dict[str, Any]]) -> None:
     assert (result.upserted_id, result.matched_count) == (7, 0)
 
 
+def test_counts_distinct_and_the_catalog(client: MongoClient[dict[str, Any]]) -> None:
+    from pymongo.errors import CollectionInvalid
+
+    c = client.d.c
+    c.insert_many([{"_id": n, "k": n % 3} for n in range(10)])
+    assert c.count_documents({"k": 1}) == 3  # an aggregate with $group, as the driver sends
+    assert c.count_documents({}, skip=2, limit=5) == 5
+    assert c.estimated_document_count() == 10  # the count command
+    assert sorted(c.distinct("k", {"_id": {"$lt": 5}})) == [0, 1, 2]
+    client.d.create_collection("made")
+    with pytest.raises(CollectionInvalid):
+        client.d.create_collection("made")  # NamespaceExists (48)
+    assert set(client.d.list_collection_names()) == {"c", "made"}
+    assert [c["name"] for c in client.d.list_collections(filter={"name": "made"})] == ["made"]
+    assert "d" in client.list_database_names()
+    client.drop_database("d")
+    assert "d" not in client.list_database_names()
+
+
 def test_index_conflicts_are_refused_as_mongod_refuses_them(
         client: MongoClient[dict[str, Any]]) -> None:
     c = client.d.c
