@@ -443,6 +443,32 @@ def test_the_command_line_serves_until_stopped() -> None:
     assert process.returncode == 0, errors
 
 
+def test_the_command_line_enforces_a_role_from_a_file(tmp_path: Any) -> None:
+    role = tmp_path / "role.json"
+    role.write_text('[{"resource": {"db": "d", "collection": "c"}, "actions": ["find"]}]')
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apsched_mongo.memory_wire", "--privileges", str(role)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        with MongoClient(process.stdout.readline().strip(),
+                         serverSelectionTimeoutMS=TIMEOUT_MS) as client:
+            assert client.d.c.find_one() is None
+            with pytest.raises(OperationFailure) as denied:
+                client.d.c.insert_one({"_id": 1})
+            assert denied.value.code == 13
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    role.write_text('{"not": "a list"}')
+    result = subprocess.run(
+        [sys.executable, "-m", "apsched_mongo.memory_wire", "--privileges", str(role)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and "must hold a JSON array" in result.stderr
+
+
 def test_the_command_line_names_a_bad_fault() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "apsched_mongo.memory_wire", "--fault", "explode"],
