@@ -20,17 +20,7 @@ CANNOT_RUN: dict[str, str] = {
 }
 #: Tests of the real-server tier that do not always pass against the front, and why (non-
 #: strict xfails): bookkeeping to remove once the cause is fixed (listed in the report)
-KNOWN_DIFFERENCES: dict[str, str] = {
-    "tests/test_eventbroker.py::test_a_steady_stream_of_events_is_sent_within_publish_delay"
-    "[real]":
-        "asserts >= 5 event documents within ~60 ms of publishing; through a driver the "
-        "writer's first insert opens a second connection (its change stream's getMore holds "
-        "the first), 10-40 ms on a busy machine, so fewer documents fit (a real server "
-        "too)",
-    "tests/test_dashboard_app.py::test_unreachable_server_then_recovery[real]":
-        "expects the outage message to name 'memory' (MemoryMongoClient's description); "
-        "through a real client it names the server's host:port (so with --mongod too)",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 STARTUP_TIMEOUT = 60.0
 
 

@@ -32,6 +32,7 @@ from apscheduler import (
 from apscheduler.triggers.interval import IntervalTrigger
 
 from apsched_mongo import MongoDBDataStore, MongoDBEventBroker
+from apsched_mongo._client import describe_hosts
 from apsched_mongo.dashboard.app import Dashboard, Settings, create_app
 from tests.conftest import Backend
 from tests.dashboard_support import LEASE, CountingClient, snapshot
@@ -456,11 +457,13 @@ async def test_unreachable_server_then_recovery(
     _, http = await open_dashboard(client=client)
     caplog.set_level(logging.INFO, logger="apsched_mongo.dashboard")
     client.down = True
+    # "memory" for the in-memory client, the hosts for a driver's client
+    where = describe_hosts(backend.client())
     for path in ("/", "/schedules", "/jobs", "/"):
         response = await http.get(path)
         assert response.status_code == 503, path
         assert "MongoDB is not answering" in response.text
-        assert "cannot reach MongoDB at memory within 5.0 s: connection refused" in (
+        assert f"cannot reach MongoDB at {where} within 5.0 s: connection refused" in (
             response.text)
         assert "Topology Description" not in response.text
         assert 'id="live"' in response.text  # the script keeps refreshing this page
@@ -470,7 +473,7 @@ async def test_unreachable_server_then_recovery(
     assert len(outage) == 1, [r.getMessage() for r in caplog.records]
     assert outage[0].levelno == logging.WARNING
     assert outage[0].getMessage().startswith(
-        "MongoDB unreachable: cannot reach MongoDB at memory within 5.0 s: connection refused")
+        f"MongoDB unreachable: cannot reach MongoDB at {where} within 5.0 s: connection refused")
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
     client.down = False
