@@ -108,11 +108,20 @@ async def test_a_release_cancelled_after_its_commit_point_is_still_published() -
     assert len(released) == 1
 
 
-async def test_a_fire_time_interrupted_by_a_stop_is_not_fired_twice_after_a_restart() -> None:
+@pytest.mark.parametrize("first_job_ran", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+        "apsched_fire (unique schedule_id + scheduled_fire_time) holds only while the fire "
+        "time's job exists: once that job has run (and been deleted), the restarted node "
+        "fires the same time again and its second job is accepted; seen 3 times in "
+        "test_rolling_restarts_soak (15 restarts)"))),
+])
+async def test_a_fire_time_interrupted_by_a_stop_is_not_fired_twice_after_a_restart(
+        first_job_ran: bool) -> None:
     """Found by the rolling-restart drill: a scheduler stopped while firing a schedule (its
     job added, the schedule not yet released) left the schedule leased to its identity;
     restarted under that identity it re-acquired it and added a second job for the same
-    fire time."""
+    fire time. Fixed while that first job waits (``apsched_fire``); not once it has run."""
     with MemoryWireServer(MemoryServer(replica_set=True)) as front:
         async with AsyncExitStack() as stack:
             setup = MongoDBDataStore(front.uri, database="refire", retry_settings=FAST_RETRY)
@@ -136,6 +145,10 @@ async def test_a_fire_time_interrupted_by_a_stop_is_not_fired_twice_after_a_rest
                 await first.start_in_background()
                 assert await anyio.to_thread.run_sync(lambda: release.wait(1, 10))
                 await first.stop()  # the held release's connection is dropped: not applied
+            if first_job_ran:  # a worker runs the fire time's job before the restart
+                [job] = await setup.acquire_jobs("worker", timedelta(minutes=1), 1)
+                await setup.release_job("worker", job, JobResult.from_job(
+                    job, JobOutcome.success, return_value=None))
             async with AsyncScheduler(
                 MongoDBDataStore(front.uri, database="refire", retry_settings=FAST_RETRY),
                 identity="node-a", role=SchedulerRole.scheduler, cleanup_interval=None,
@@ -147,4 +160,4 @@ async def test_a_fire_time_interrupted_by_a_stop_is_not_fired_twice_after_a_rest
                     await released.wait()  # the restarted node has fired the schedule
                 await second.stop()
             fired = [job.scheduled_fire_time for job in await setup.get_jobs()]
-    assert fired == [trigger.start_time], fired
+    assert fired == ([] if first_job_ran else [trigger.start_time]), fired
