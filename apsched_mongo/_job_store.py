@@ -5,7 +5,7 @@ point is the delete, and takeovers of abandoned jobs in a fixed number of round 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 from uuid import UUID, uuid4
@@ -46,6 +46,16 @@ def _release_marker_id(job_id: UUID) -> str:
     return f"released:{job_id}"
 
 
+def _fire_marker_id(schedule_id: str, fire_time: datetime) -> str:
+    """The marker that a schedule's fire time has had its job (see :meth:`add_job`)."""
+    return f"fired:{schedule_id}:{fire_time.astimezone(UTC).isoformat(timespec='milliseconds')}"
+
+
+def _fire_of(document: dict[str, Any]) -> tuple[str, datetime] | None:
+    schedule_id, fire_time = document.get("schedule_id"), document.get("scheduled_fire_time")
+    return (schedule_id, fire_time) if schedule_id and fire_time else None
+
+
 class JobStore(StoreBase):
     """The job methods of :class:`~apsched_mongo.MongoDBDataStore`."""
 
@@ -60,11 +70,38 @@ class JobStore(StoreBase):
         (:class:`~apsched_mongo.MongoDBDataStore`) implements it."""
         raise NotImplementedError
 
+    async def _fired_already(self, job: Job) -> bool:
+        """Whether a schedule this store took over from a holder that never released it
+        has had its job for this fire time already (one that ran and is gone: a job still
+        there is caught by the unique index ``apsched_fire``)."""
+        schedule_id, fire_time = job.schedule_id, job.scheduled_fire_time
+        if schedule_id not in self._recovering or schedule_id is None or fire_time is None:
+            return False
+        marker_id = _fire_marker_id(schedule_id, fire_time)
+        marker = await self._run("add_job", lambda: self._results.find_one(
+            {"_id": marker_id}, projection={"_id": True}))
+        return marker is not None
+
+    async def _mark_fires(self, documents: Iterable[dict[str, Any]]) -> None:
+        """Before schedule jobs are deleted, leave a marker of their fire times (kept an
+        hour), so that a node taking over a schedule its holder never released does not
+        fire those times again once the jobs are gone."""
+        if fires := [fire for document in documents if (fire := _fire_of(document))]:
+            expires_at = await self._server_now() + MARKER_LIFETIME
+            await self._store_results([], [{"_id": _fire_marker_id(*fire), "marker": True,
+                                             "expires_at": expires_at} for fire in fires])
+
     async def add_job(self, job: Job) -> None:
         """Insert the job. When this node's scheduler has room and no other job waits, the
         insert also claims the job for it (one write instead of two); the scheduler gets
         it from its next :meth:`acquire_jobs`, woken by the ``JobAdded`` event."""
         document = _codec.encode_job(job, self.serializer)
+        if await self._fired_already(job):
+            self._logger.warning(
+                "Not adding a second job for schedule %r at %s: it ran already",
+                job.schedule_id, job.scheduled_fire_time,
+            )
+            return
         claim = await self._claim_on_insert(job)
         seen = partial(self._view.has_seen, job.id)
         try:
@@ -383,6 +420,8 @@ class JobStore(StoreBase):
         self._grant_task_lookups(acquired)
         await self._publish_all(JobAcquired.from_job(job, scheduler_id=scheduler_id)
                                 for job in acquired)
+        if discarded:
+            await self._mark_fires(document for document, _, _ in discarded)
         for document, result, decoded in discarded:
             if await self._release_owned(document["_id"], document["task_id"], scheduler_id,
                                          "acquire_jobs"):
@@ -502,6 +541,8 @@ class JobStore(StoreBase):
 
     async def _release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         self._spare += 1  # the scheduler has room for one more
+        await self._mark_fires([{"schedule_id": job.schedule_id,
+                                 "scheduled_fire_time": job.scheduled_fire_time}])
         follower = self._follower(scheduler_id, job)
         if follower is None:
             released = await self._release_owned(job.id, job.task_id, scheduler_id,
@@ -645,6 +686,9 @@ class JobStore(StoreBase):
         server_now = await self._server_now()
         markers = [{"_id": _release_marker_id(document["_id"]), "marker": True,
                     "expires_at": server_now + MARKER_LIFETIME} for document in documents]
+        markers += [{"_id": _fire_marker_id(*fire), "marker": True,
+                     "expires_at": server_now + MARKER_LIFETIME}
+                    for document in documents if (fire := _fire_of(document))]
         await self._store_results([result for _, result, _ in released], markers)
         deleted = await self._run(what, lambda: self._jobs.delete_many({"lease": lease}))
         if deleted.deleted_count < len(documents):

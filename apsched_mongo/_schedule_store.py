@@ -128,6 +128,10 @@ class ScheduleStore(StoreBase):
                                       sort=[("next_fire_time", ASCENDING)], limit=limit)
         if not candidates:
             return []
+        # A schedule still leased when read was fired by a node that stopped or died before
+        # recording it: its fire times may have jobs already (see add_job)
+        self._recovering.update(doc["_id"] for doc in candidates
+                                if doc.get("acquired_by") is not None)
 
         # Each claim also requires the document to be exactly as read, so when every claim
         # wins, what we read is what we own and needs no second look.
@@ -160,6 +164,7 @@ class ScheduleStore(StoreBase):
         requests: list[UpdateOne] = []
         events: dict[str, ScheduleUpdated | ScheduleRemoved] = {}
         for result in results:
+            self._recovering.discard(result.schedule_id)
             owned = {"_id": result.schedule_id, "acquired_by": scheduler_id}
             try:
                 progress = _codec.encode_schedule_progress(

@@ -50,6 +50,8 @@ class StoreBase(BaseExternalDataStore):
     _view: QueueView
     _task_documents: dict[str, tuple[float, dict[str, Any]]]
     _task_grants: dict[str, list[tuple[float, int]]]
+    #: schedules this store claimed from a holder that never released them
+    _recovering: set[str]
 
     async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one MongoDB operation, retrying temporary failures only."""

@@ -188,6 +188,7 @@ class MongoDBDataStore(JobStore, ScheduleStore):
     #: task id -> answers to ``get_task`` that claims made here granted: (monotonic time
     #: of the claim, running jobs seen at the claim) for each job claimed
     _task_grants: dict[str, list[tuple[float, int]]] = attrs.field(init=False, factory=dict)
+    _recovering: set[str] = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         self._uri, self._client = accept_client_or_uri(self.client_or_uri)
@@ -218,6 +219,7 @@ class MongoDBDataStore(JobStore, ScheduleStore):
         await super().start(exit_stack, event_broker, logger)
         self._task_documents.clear()
         self._task_grants.clear()
+        self._recovering.clear()
         self._leases.clear()
         self._preclaimed.clear()
         self._worker, self._spare = None, 0

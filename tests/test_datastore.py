@@ -685,3 +685,34 @@ async def test_fire_times_stored_twice_by_an_older_version_do_not_stop_the_store
     assert "apsched_fire will be created" in caplog_warnings.text
     assert "apsched_fire" not in await jobs.index_information()
     assert "apsched_queue" in await jobs.index_information()
+
+
+async def test_a_fire_time_whose_job_ran_is_not_fired_again_by_a_takeover(
+    started: Any, caplog_warnings: Any
+) -> None:
+    """A node fires a schedule (adds the job) and stops before recording it; the job runs
+    and is gone. The node restarted under the same name takes the schedule again and fires
+    the same time: the marker the job's release left says it ran, so nothing is added."""
+    firing, _ = await started()
+    await firing.add_task(make_task())
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    await firing.add_schedule(make_schedule("s", due), ConflictPolicy.exception)
+    [schedule] = await firing.acquire_schedules("node-a", LEASE, 10)
+    fire = make_job(schedule_id="s", scheduled_fire_time=schedule.next_fire_time)
+    await firing.add_job(fire)  # ... and the node stops: no release_schedules
+
+    worker, _ = await started()
+    [job] = await worker.acquire_jobs("worker", LEASE, 1)
+    await worker.release_job("worker", job, JobResult.from_job(job, JobOutcome.success))
+
+    restarted, broker = await started()
+    [again] = await restarted.acquire_schedules("node-a", LEASE, 10)
+    assert again.next_fire_time == schedule.next_fire_time  # unrecorded: fired again
+    await restarted.add_job(make_job(schedule_id="s", scheduled_fire_time=again.next_fire_time))
+    assert await restarted.get_jobs() == []
+    assert broker.of_type(JobAdded) == []
+    assert "it ran already" in caplog_warnings.text
+    # A fire time never fired before is added as usual
+    later = make_job(schedule_id="s", scheduled_fire_time=due + timedelta(hours=1))
+    await restarted.add_job(later)
+    assert [j.id for j in await restarted.get_jobs()] == [later.id]

@@ -337,13 +337,6 @@ async def run_rolling_restart(directory: Path, jobs: int, rounds: int) -> Observ
     return observer
 
 
-REFIRED = pytest.mark.xfail(strict=False, raises=FireTimeTwice, reason=(
-    "a node stopped while firing a schedule, whose fire time's job then ran, fires that "
-    "time again once restarted: tests/test_wire_findings.py::test_a_fire_time_interrupted_"
-    "by_a_stop_is_not_fired_twice_after_a_restart[True]"))
-
-
-@REFIRED
 async def test_a_rolling_restart_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """Every job and fire time is released exactly once (run, or cancelled or abandoned by
     the stop of the node that held it: reported, not lost), and none runs twice."""
@@ -351,7 +344,6 @@ async def test_a_rolling_restart_loses_and_duplicates_nothing(tmp_path: Path) ->
     print(f"\nrolling restart: {observer.outcomes()}")
 
 
-@REFIRED
 @pytest.mark.soak
 async def test_rolling_restarts_soak(tmp_path: Path) -> None:
     observer = await run_rolling_restart(tmp_path, jobs=2000, rounds=5)

@@ -108,20 +108,14 @@ async def test_a_release_cancelled_after_its_commit_point_is_still_published() -
     assert len(released) == 1
 
 
-@pytest.mark.parametrize("first_job_ran", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "apsched_fire (unique schedule_id + scheduled_fire_time) holds only while the fire "
-        "time's job exists: once that job has run (and been deleted), the restarted node "
-        "fires the same time again and its second job is accepted; seen 3 times in "
-        "test_rolling_restarts_soak (15 restarts)"))),
-])
+@pytest.mark.parametrize("first_job_ran", [False, True])
 async def test_a_fire_time_interrupted_by_a_stop_is_not_fired_twice_after_a_restart(
         first_job_ran: bool) -> None:
     """Found by the rolling-restart drill: a scheduler stopped while firing a schedule (its
     job added, the schedule not yet released) left the schedule leased to its identity;
     restarted under that identity it re-acquired it and added a second job for the same
-    fire time. Fixed while that first job waits (``apsched_fire``); not once it has run."""
+    fire time. Fixed while that first job waits (``apsched_fire``), and once it has run
+    (the fire-time marker its release leaves)."""
     with MemoryWireServer(MemoryServer(replica_set=True)) as front:
         async with AsyncExitStack() as stack:
             setup = MongoDBDataStore(front.uri, database="refire", retry_settings=FAST_RETRY)
