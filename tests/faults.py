@@ -197,3 +197,19 @@ class FaultyClient:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class LoseFirstReply(FaultPlan):
+    """The first call of each named operation is applied, but its reply is lost."""
+
+    def __init__(self, *operations: str) -> None:
+        super().__init__(seed=0, enabled=True)
+        self.pending = set(operations)
+
+    def check_before(self, what: str, args: tuple[Any, ...] = (),
+                     kwargs: dict[str, Any] | None = None) -> str | None:
+        self.attempts[what] += 1
+        if what in self.pending:
+            self.pending.discard(what)
+            return "after"
+        return None

@@ -33,7 +33,7 @@ from tenacity import stop_after_attempt, wait_fixed
 from apsched_mongo import MongoDBDataStore, ServerUnreachableError
 from apsched_mongo import _clock as clock_module
 from tests.conftest import Backend
-from tests.faults import FaultPlan, FaultyClient
+from tests.faults import FaultPlan, FaultyClient, LoseFirstReply
 from tests.helpers import FakeClock, SharedBroker
 
 try:
@@ -583,22 +583,6 @@ def test_password_never_leaks_from_an_invalid_uri(uri: str) -> None:
         assert_no_secret(exception_text(broker_info.value))
 
 
-class LoseReply(FaultPlan):
-    """Loses the reply of the first call of each named operation (applied, then an error)."""
-
-    def __init__(self, *operations: str) -> None:
-        super().__init__(seed=0, enabled=True)
-        self.pending = set(operations)
-
-    def check_before(self, what: str, args: tuple[Any, ...] = (),
-                     kwargs: dict[str, Any] | None = None) -> str | None:
-        self.attempts[what] += 1
-        if what in self.pending:
-            self.pending.discard(what)
-            return "after"
-        return None
-
-
 async def test_a_release_retried_while_a_reaper_takes_the_job_over_is_published_once(
     backend: Backend,
 ) -> None:
@@ -611,7 +595,7 @@ async def test_a_release_retried_while_a_reaper_takes_the_job_over_is_published_
         broker = SharedBroker()
         await broker.start_shared(stack, quiet)
         on(broker, JobReleased, released.append)
-        a_plan, reaper_plan = LoseReply("apsched_jobs.delete_one"), FaultPlan(seed=0, rate=0)
+        a_plan, reaper_plan = LoseFirstReply("apsched_jobs.delete_one"), FaultPlan(seed=0, rate=0)
         stores = []
         for plan in (a_plan, reaper_plan):
             store = MongoDBDataStore(FaultyClient(backend.client(), plan),

@@ -41,7 +41,7 @@ from tenacity import stop_after_attempt, wait_fixed
 from apsched_mongo import MongoDBDataStore
 from apsched_mongo._retry import is_temporary
 from tests.conftest import RecordingBroker
-from tests.faults import FaultPlan, FaultyClient
+from tests.faults import FaultPlan, FaultyClient, LoseFirstReply
 from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -84,22 +84,6 @@ async def test_leases_follow_the_server_clock_not_a_skewed_node(started: Any) ->
     expected = datetime.now(UTC) + timedelta(seconds=30)
     assert job.acquired_until is not None
     assert abs(job.acquired_until - expected) < timedelta(seconds=5)
-
-
-class LoseFirstReply(FaultPlan):
-    """The first call of each named operation is applied, but its reply is lost."""
-
-    def __init__(self, *operations: str) -> None:
-        super().__init__(seed=0, enabled=True)
-        self.pending = set(operations)
-
-    def check_before(self, what: str, args: tuple[Any, ...] = (),
-                     kwargs: dict[str, Any] | None = None) -> str | None:
-        self.attempts[what] += 1
-        if what in self.pending:
-            self.pending.discard(what)
-            return "after"
-        return None
 
 
 async def _faulty_store(backend: Any, plan: FaultPlan, stack: AsyncExitStack) -> Any:

@@ -214,6 +214,21 @@ def _here(request: Request) -> str:
     return request.url.path + (f"?{urlencode(query)}" if query else "")
 
 
+def _cross_site(dashboard: Dashboard, request: Request) -> Response:
+    return _problem(dashboard, request, 403, "Refused",
+                    "this request came from another site (cross-site request refused)")
+
+
+async def _posted_form(dashboard: Dashboard, request: Request) -> dict[str, str] | Response:
+    """The form of a same-origin POST, or the response refusing it."""
+    if not same_origin(request):
+        return _cross_site(dashboard, request)
+    try:
+        return await read_form(request)
+    except BadRequest as exc:
+        return _problem(dashboard, request, 400, "Bad request", str(exc))
+
+
 def _problem(dashboard: Dashboard, request: Request, status: int, title: str,
              message: str) -> Response:
     if request.headers.get("authorization"):
@@ -307,13 +322,9 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
         if action not in ACTIONS:
             return _problem(dashboard, request, 404, "No such action", f"unknown action "
                             f"{action[:40]!r} (one of {', '.join(ACTIONS)})")
-        if not same_origin(request):
-            return _problem(dashboard, request, 403, "Refused",
-                            "this request came from another site (cross-site request refused)")
-        try:
-            form = await read_form(request)
-        except BadRequest as exc:
-            return _problem(dashboard, request, 400, "Bad request", str(exc))
+        form = await _posted_form(dashboard, request)
+        if isinstance(form, Response):
+            return form
         refusal = dashboard.sessions.refusal(request, form)
         if refusal:
             return _problem(dashboard, request, 403, "Token required", refusal)
@@ -343,13 +354,9 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
         if not dashboard.settings.allow_actions:
             return _problem(dashboard, request, 405, "Read-only dashboard",
                             "actions are disabled, so there is nothing to log in to")
-        if not same_origin(request):
-            return _problem(dashboard, request, 403, "Refused",
-                            "this request came from another site (cross-site request refused)")
-        try:
-            form = await read_form(request)
-        except BadRequest as exc:
-            return _problem(dashboard, request, 400, "Bad request", str(exc))
+        form = await _posted_form(dashboard, request)
+        if isinstance(form, Response):
+            return form
         target = safe_next(form.get("next", "/"))
         if not dashboard.sessions.token_matches(form.get("token", "")):
             logger.warning("Dashboard login with a wrong token from %s",
@@ -364,8 +371,7 @@ def _action_routes(dashboard: Dashboard) -> list[Route]:
 
     async def logout(request: Request) -> Response:
         if not same_origin(request):
-            return _problem(dashboard, request, 403, "Refused",
-                            "this request came from another site (cross-site request refused)")
+            return _cross_site(dashboard, request)
         session = dashboard.sessions.of(request)
         if session is not None:
             dashboard.sessions.close(session)
