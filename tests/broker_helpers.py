@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from time import monotonic
 from typing import Any, cast
 from uuid import uuid4
 
@@ -91,6 +92,22 @@ async def node_starter(make_client: Callable[[], Any],
 
 def job_added(task_id: str = "task") -> JobAdded:
     return JobAdded(job_id=uuid4(), task_id=task_id, schedule_id=None)
+
+
+async def ping_pong(a: Node, b: Node) -> tuple[list[Event], float]:
+    """Three events bounced a -> b -> a -> b, each published only after the previous one
+    arrived, so an echo or a repeat would arrive before the later event does. Returns what
+    was sent, in order, and the first one's publish-to-delivery latency in seconds."""
+    first, reply, last = job_added("first"), job_added("reply"), job_added("last")
+    published = monotonic()
+    await a.broker.publish(first)
+    await b.inbox.wait_for(1)
+    latency = monotonic() - published
+    await b.broker.publish(reply)
+    await a.inbox.wait_for(2)
+    await a.broker.publish(last)
+    await b.inbox.wait_for(3)
+    return [first, reply, last], latency
 
 
 class UnserializableValue:

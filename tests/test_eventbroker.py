@@ -40,6 +40,7 @@ from tests.broker_helpers import (
     StartNode,
     job_added,
     node_starter,
+    ping_pong,
     unserializable_event,
 )
 from tests.conftest import Backend
@@ -94,20 +95,9 @@ async def test_event_reaches_the_other_node_once_and_never_echoes(
     a, b = await start_node(), await start_node()
     assert a.broker.active_mode == b.broker.active_mode == await expected_mode(backend)
 
-    # Ping-pong: each event is published only after the previous one arrived, so an echo
-    # or a repeat of an earlier event would arrive before the later one does.
-    first, reply, last = job_added("first"), job_added("reply"), job_added("last")
-    published = monotonic()
-    await a.broker.publish(first)
-    await b.inbox.wait_for(1)
-    latency = monotonic() - published
-    await b.broker.publish(reply)
-    await a.inbox.wait_for(2)
-    await a.broker.publish(last)
-    await b.inbox.wait_for(3)
-
-    assert a.inbox.events == [first, reply, last]
-    assert b.inbox.events == [first, reply, last]
+    sent, latency = await ping_pong(a, b)
+    assert a.inbox.events == sent
+    assert b.inbox.events == sent
     print(f"\n[{backend.name}, {a.broker.active_mode}] publish -> remote delivery: "
           f"{latency * 1000:.1f} ms")
 

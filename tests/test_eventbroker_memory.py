@@ -32,7 +32,15 @@ from tenacity import wait_fixed
 from apsched_mongo import MongoDBDataStore
 from apsched_mongo.eventbroker import MongoDBEventBroker
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
-from tests.broker_helpers import TIMEOUT, LogWatch, Node, StartNode, job_added, node_starter
+from tests.broker_helpers import (
+    TIMEOUT,
+    LogWatch,
+    Node,
+    StartNode,
+    job_added,
+    node_starter,
+    ping_pong,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -66,16 +74,9 @@ async def start_node(server: MemoryServer) -> AsyncIterator[StartNode]:
 
 async def test_events_travel_by_change_stream_both_ways_once(start_node: StartNode) -> None:
     a, b = await start_node(), await start_node()
-    first, reply, last = job_added("first"), job_added("reply"), job_added("last")
-    published = monotonic()
-    await a.broker.publish(first)
-    await b.inbox.wait_for(1)
-    latency = monotonic() - published
-    await b.broker.publish(reply)
-    await a.inbox.wait_for(2)
-    await a.broker.publish(last)
-    assert await b.inbox.wait_for(3) == [first, reply, last]
-    assert a.inbox.events == [first, reply, last]  # its own once, and no echo
+    sent, latency = await ping_pong(a, b)
+    assert b.inbox.events == sent
+    assert a.inbox.events == sent  # its own once, and no echo
     assert latency < 0.5
     print(f"\n[memory-rs, change_stream] publish -> remote delivery: {latency * 1000:.1f} ms")
 
