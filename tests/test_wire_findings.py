@@ -41,6 +41,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def add_and_acquire_a_job(store: MongoDBDataStore, scheduler_id: str) -> Job:
+    """A job of a fresh task, acquired by ``scheduler_id`` with a five-minute lease, whose
+    result is kept: the starting point of a release racing something else."""
+    await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
+    await store.add_job(Job(task_id="t", executor="async",
+                            result_expiration_time=timedelta(minutes=5)))
+    [job] = await store.acquire_jobs(scheduler_id, timedelta(minutes=5), 1)
+    return job
+
+
 async def test_a_retried_release_racing_a_takeover_is_published_once() -> None:
     """Found by the multi-process fault drill: a release retried after both of the driver's
     attempts were lost concluded "no job and no marker: our first attempt deleted it" while
@@ -62,10 +72,7 @@ async def test_a_retried_release_racing_a_takeover_is_published_once() -> None:
                 await store.start(stack, broker, log)
                 stores.append(store)
             a, reaper = stores
-            await a.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
-            await a.add_job(Job(task_id="t", executor="async",
-                                result_expiration_time=timedelta(minutes=5)))
-            [job] = await a.acquire_jobs("node-a", timedelta(minutes=5), 1)
+            job = await add_and_acquire_a_job(a, "node-a")
 
             marker = b_front.inject("hold", command="insert", namespace="*_job_results",
                                     seconds=30)
@@ -91,10 +98,7 @@ async def test_a_release_cancelled_after_its_commit_point_is_still_published() -
             await broker.start(stack, log)
             store = MongoDBDataStore(front.uri, database="cancel", retry_settings=FAST_RETRY)
             await store.start(stack, broker, log)
-            await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
-            await store.add_job(Job(task_id="t", executor="async",
-                                    result_expiration_time=timedelta(minutes=5)))
-            [job] = await store.acquire_jobs("node", timedelta(minutes=5), 1)
+            job = await add_and_acquire_a_job(store, "node")
 
             result = front.inject("stall", command="insert", namespace="*_job_results",
                                   seconds=1)
