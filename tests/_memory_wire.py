@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.processes import stop_process
+
 #: Tests of the real-server tier that cannot run against the front, and why (deselected)
 CANNOT_RUN: dict[str, str] = {
     "tests/test_query_plans.py::":
@@ -33,15 +35,7 @@ def start_front(config: pytest.Config) -> str:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True)
 
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    config.add_cleanup(stop)
+    config.add_cleanup(lambda: stop_process(process))
     assert process.stdout is not None
     uri = process.stdout.readline().strip()  # the front prints its URI once it listens
     if not uri.startswith("mongodb://"):

@@ -19,6 +19,8 @@ import pytest
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+from tests.processes import stop_process
+
 REPLICA_SET = "rs0"
 STARTUP_TIMEOUT = 60.0  # seconds for mongod to listen and then become primary
 
@@ -91,15 +93,8 @@ def start_replica_set(config: pytest.Config) -> str:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    config.add_cleanup(stop)  # cleanups run last-in first-out: stop before removing
+    # cleanups run last-in first-out: stop before removing
+    config.add_cleanup(lambda: stop_process(process))
     client: MongoClient[dict[str, Any]] = MongoClient(
         "127.0.0.1", port, directConnection=True, serverSelectionTimeoutMS=500
     )
