@@ -84,6 +84,13 @@ def visible(privileges: Sequence[Mapping[str, Any]], db: str, collection: str | 
     return False
 
 
+def _stage_target(spec: Any, key: str) -> str | None:
+    """The collection a ``$unionWith``/``$out``/``$merge`` stage names: the stage's value
+    itself, or its ``key`` field."""
+    target = spec.get(key) if isinstance(spec, Mapping) else spec
+    return target if isinstance(target, str) else None
+
+
 def _pipeline_reads(db: str, pipeline: Any) -> Iterator[Need]:
     """``find`` on every collection a pipeline's stages read from (recursively)."""
     if not isinstance(pipeline, list):
@@ -97,9 +104,8 @@ def _pipeline_reads(db: str, pipeline: Any) -> Iterator[Need]:
                 yield Need("find", db, spec["from"])
             yield from _pipeline_reads(db, spec.get("pipeline"))
         elif name == "$unionWith":
-            target = spec if isinstance(spec, str) else spec.get("coll") if isinstance(
-                spec, Mapping) else None
-            if isinstance(target, str):
+            target = _stage_target(spec, "coll")
+            if target is not None:
                 yield Need("find", db, target)
             if isinstance(spec, Mapping):
                 yield from _pipeline_reads(db, spec.get("pipeline"))
@@ -107,15 +113,13 @@ def _pipeline_reads(db: str, pipeline: Any) -> Iterator[Need]:
             for sub in spec.values():
                 yield from _pipeline_reads(db, sub)
         elif name == "$out":
-            target = spec if isinstance(spec, str) else spec.get("coll") if isinstance(
-                spec, Mapping) else None
-            if isinstance(target, str):
+            target = _stage_target(spec, "coll")
+            if target is not None:
                 yield Need("insert", db, target)
                 yield Need("remove", db, target)
         elif name == "$merge":
-            target = spec if isinstance(spec, str) else spec.get("into") if isinstance(
-                spec, Mapping) else None
-            if isinstance(target, str):
+            target = _stage_target(spec, "into")
+            if target is not None:
                 yield Need("insert", db, target)
                 yield Need("update", db, target)
 
