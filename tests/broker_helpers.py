@@ -13,6 +13,7 @@ import anyio
 import attrs
 from apscheduler import Event, JobAdded
 
+from apsched_mongo.datastore import MongoDBDataStore
 from apsched_mongo.eventbroker import MongoDBEventBroker
 
 #: The logger both broker test modules hand to brokers (the ``logs`` fixture watches it)
@@ -108,6 +109,19 @@ async def ping_pong(a: Node, b: Node) -> tuple[list[Event], float]:
     await a.broker.publish(last)
     await b.inbox.wait_for(3)
     return [first, reply, last], latency
+
+
+class IdleSignallingStore(MongoDBDataStore):
+    """Tells the test when the worker has looked for jobs and found none: from then on only
+    an event can make it look again."""
+
+    idle: anyio.Event
+
+    async def acquire_jobs(self, *args: Any, **kwargs: Any) -> Any:
+        jobs = await super().acquire_jobs(*args, **kwargs)
+        if not jobs:
+            self.idle.set()
+        return jobs
 
 
 class UnserializableValue:

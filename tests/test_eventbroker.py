@@ -28,13 +28,13 @@ from apscheduler.triggers.date import DateTrigger
 from pymongo.errors import AutoReconnect, OperationFailure
 from tenacity import wait_fixed
 
-from apsched_mongo.datastore import MongoDBDataStore
 from apsched_mongo.errors import ApschedMongoError, IndexConflictError, ServerUnreachableError
 from apsched_mongo.eventbroker import MongoDBEventBroker
 from apsched_mongo.memory import MemoryMongoClient
 from tests.broker_helpers import (
     LOGGER,
     TIMEOUT,
+    IdleSignallingStore,
     Inbox,
     LogWatch,
     StartNode,
@@ -331,19 +331,6 @@ def test_bad_settings_fail_at_construction(kwargs: dict[str, Any]) -> None:
 
 
 # --- two schedulers ---------------------------------------------------------------------------
-
-
-class IdleSignallingStore(MongoDBDataStore):
-    """Tells the test when the worker has looked for jobs and found none, i.e. from then on
-    only an event can make it look again."""
-
-    idle: anyio.Event
-
-    async def acquire_jobs(self, *args: Any, **kwargs: Any) -> Any:
-        jobs = await super().acquire_jobs(*args, **kwargs)
-        if not jobs:
-            self.idle.set()
-        return jobs
 
 
 @pytest.mark.anyio

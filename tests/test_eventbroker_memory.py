@@ -34,6 +34,7 @@ from apsched_mongo.eventbroker import MongoDBEventBroker
 from apsched_mongo.memory import MemoryMongoClient, MemoryServer
 from tests.broker_helpers import (
     TIMEOUT,
+    IdleSignallingStore,
     LogWatch,
     Node,
     StartNode,
@@ -105,19 +106,6 @@ async def test_events_of_several_nodes_arrive_once_in_commit_order(
 
 
 # --- the issue's "done when": only the change stream can wake the worker ---------------------
-
-
-class IdleSignallingStore(MongoDBDataStore):
-    """Tells the test when the worker has looked for jobs and found none: from then on only
-    an event can make it look again."""
-
-    idle: anyio.Event
-
-    async def acquire_jobs(self, *args: Any, **kwargs: Any) -> Any:
-        jobs = await super().acquire_jobs(*args, **kwargs)
-        if not jobs:
-            self.idle.set()
-        return jobs
 
 
 async def test_a_schedule_added_on_node_a_starts_on_node_b_within_half_a_second(
