@@ -39,6 +39,17 @@ class Inbox:
                 await self._arrived.wait()
         return self.events
 
+    async def wait_for_event(self, kind: type[Event], **fields: Any) -> Any:
+        """The first event received of type ``kind`` whose ``fields`` have these values."""
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                for event in self.events:
+                    if isinstance(event, kind) and all(
+                        getattr(event, key) == value for key, value in fields.items()
+                    ):
+                        return event
+                await self._arrived.wait()
+
 
 class LogWatch(logging.Handler):
     """Collects the broker's log records; tests can wait for a particular one."""

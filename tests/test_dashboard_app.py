@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -18,7 +18,6 @@ import httpx
 import pytest
 from apscheduler import (
     ConflictPolicy,
-    Event,
     Job,
     JobAdded,
     JobOutcome,
@@ -31,9 +30,10 @@ from apscheduler import (
 )
 from apscheduler.triggers.interval import IntervalTrigger
 
-from apsched_mongo import MongoDBDataStore, MongoDBEventBroker
+from apsched_mongo import MongoDBDataStore
 from apsched_mongo._client import describe_hosts
 from apsched_mongo.dashboard.app import Dashboard, Settings, create_app
+from tests.broker_helpers import Inbox, StartNode, node_starter
 from tests.conftest import Backend
 from tests.dashboard_support import LEASE, CountingClient, snapshot
 
@@ -71,13 +71,16 @@ async def open_dashboard(backend: Backend) -> AsyncIterator[Open]:
         yield open_
 
 
+def start_broker(backend: Backend) -> AbstractAsyncContextManager[StartNode]:
+    """Brokers on the test database, polling often enough for a test's patience."""
+    return node_starter(backend.client, database=backend.database, poll_interval=0.05)
+
+
 @pytest.fixture
 async def node(backend: Backend) -> AsyncIterator[MongoDBDataStore]:
     """A scheduler node's store (with a local broker) to set up and inspect state."""
-    async with AsyncExitStack() as stack:
-        broker = MongoDBEventBroker(backend.client(), database=backend.database,
-                                    poll_interval=0.05)
-        await broker.start(stack, logging.getLogger(__name__))
+    async with start_broker(backend) as start, AsyncExitStack() as stack:
+        broker = (await start()).broker
         store = backend.store()
         await store.start(stack, broker, logging.getLogger(__name__))
         await store.add_task(Task(id="work", func="tests.helpers:noop", job_executor="async"))
@@ -111,38 +114,11 @@ async def csrf_of(http: httpx.AsyncClient, page: str = "/schedules") -> str:
     return match.group(1)
 
 
-class Heard:
-    """Events another node's MongoDB broker receives: proof an action reached the cluster."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._changed = anyio.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for(self, kind: type[Event], **fields: Any) -> Any:
-        with anyio.fail_after(10):
-            while True:
-                for event in self.events:
-                    if isinstance(event, kind) and all(
-                        getattr(event, key) == value for key, value in fields.items()
-                    ):
-                        return event
-                await self._changed.wait()
-
-
 @pytest.fixture
-async def other_node(backend: Backend) -> AsyncIterator[Heard]:
-    async with AsyncExitStack() as stack:
-        broker = MongoDBEventBroker(backend.client(), database=backend.database,
-                                    poll_interval=0.05)
-        await broker.start(stack, logging.getLogger(__name__))
-        heard = Heard()
-        stack.enter_context(broker.subscribe(heard))
-        yield heard
+async def other_node(backend: Backend) -> AsyncIterator[Inbox]:
+    """What another node's MongoDB broker receives: proof an action reached the cluster."""
+    async with start_broker(backend) as start:
+        yield (await start()).inbox
 
 
 # --- pages ------------------------------------------------------------------------------------
@@ -333,7 +309,7 @@ async def test_logout_ends_the_session(open_dashboard: Open, node: MongoDBDataSt
 
 
 async def test_pause_and_resume(open_dashboard: Open, node: MongoDBDataStore,
-                                other_node: Heard) -> None:
+                                other_node: Inbox) -> None:
     schedule = await add_schedule(node)
     _, http = await open_dashboard(allow_actions=True)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
@@ -341,7 +317,7 @@ async def test_pause_and_resume(open_dashboard: Open, node: MongoDBDataStore,
     assert response.json() == {"ok": True, "message": "paused schedule 'nightly'"}
     stored = (await node.get_schedules({"nightly"}))[0]
     assert stored.paused and stored.next_fire_time == schedule.next_fire_time
-    await other_node.wait_for(ScheduleUpdated, schedule_id="nightly")
+    await other_node.wait_for_event(ScheduleUpdated, schedule_id="nightly")
 
     again = await http.post("/actions/pause", data={"id": "nightly"}, headers=bearer)
     assert again.json()["message"] == "schedule 'nightly' was already paused"
@@ -371,7 +347,7 @@ async def test_pause_refused_while_a_node_holds_the_schedule(
 
 
 async def test_run_now_queues_one_extra_job_once(open_dashboard: Open, node: MongoDBDataStore,
-                                                 other_node: Heard) -> None:
+                                                 other_node: Inbox) -> None:
     schedule = await add_schedule(node, args=(1, 2), kwargs={"x": "y"})
     _, http = await open_dashboard(allow_actions=True)
     await log_in(http)
@@ -388,7 +364,7 @@ async def test_run_now_queues_one_extra_job_once(open_dashboard: Open, node: Mon
     # the schedule's own fire times are untouched
     stored = (await node.get_schedules({"nightly"}))[0]
     assert stored.next_fire_time == schedule.next_fire_time
-    await other_node.wait_for(JobAdded, job_id=job.id)
+    await other_node.wait_for_event(JobAdded, job_id=job.id)
     # the schedule's jobs, on the jobs page
     await add_schedule(node, "other")
     await add_job(node, "unrelated")
@@ -398,26 +374,26 @@ async def test_run_now_queues_one_extra_job_once(open_dashboard: Open, node: Mon
     assert "Queued (2)" in (await http.get("/jobs")).text
 
 
-async def test_remove(open_dashboard: Open, node: MongoDBDataStore, other_node: Heard) -> None:
+async def test_remove(open_dashboard: Open, node: MongoDBDataStore, other_node: Inbox) -> None:
     await add_schedule(node)
     _, http = await open_dashboard(allow_actions=True)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     response = await http.post("/actions/remove", data={"id": "nightly"}, headers=bearer)
     assert response.json()["message"] == "removed schedule 'nightly'"
     assert await node.get_schedules() == []
-    await other_node.wait_for(ScheduleRemoved, schedule_id="nightly")
+    await other_node.wait_for_event(ScheduleRemoved, schedule_id="nightly")
     gone = await http.post("/actions/remove", data={"id": "nightly"}, headers=bearer)
     assert gone.status_code == 404 and "no schedule 'nightly'" in gone.json()["error"]
 
 
 async def test_drop_only_a_queued_job(open_dashboard: Open, node: MongoDBDataStore,
-                                      other_node: Heard) -> None:
+                                      other_node: Inbox) -> None:
     queued, claimed = await add_job(node, "a"), await add_job(node, "b")
     _, http = await open_dashboard(allow_actions=True)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     response = await http.post("/actions/drop", data={"id": str(queued.id)}, headers=bearer)
     assert response.json()["ok"] is True
-    released = await other_node.wait_for(JobReleased, job_id=queued.id)
+    released = await other_node.wait_for_event(JobReleased, job_id=queued.id)
     assert released.outcome is JobOutcome.cancelled
 
     [running] = await node.acquire_jobs("node-1", LEASE, 1)
