@@ -75,15 +75,20 @@ def test_permanent_failures_are_not_retried(exc: Exception) -> None:
     assert not is_temporary(exc)
 
 
-async def test_leases_follow_the_server_clock_not_a_skewed_node(started: Any) -> None:
-    """A node whose clock is an hour fast still writes leases on the server's time line."""
-    store, _ = await started(local_clock=FakeClock(skew=timedelta(hours=1)))
+async def assert_a_lease_ends_30_s_from_now(store: Any) -> None:
+    """A 30-second lease taken now ends 30 s from now on the real (server's) time line."""
     await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
     await store.add_job(Job(task_id="t", executor="async"))
-    [job] = await store.acquire_jobs("fast-node", timedelta(seconds=30), 1)
+    [job] = await store.acquire_jobs("node", timedelta(seconds=30), 1)
     expected = datetime.now(UTC) + timedelta(seconds=30)
     assert job.acquired_until is not None
     assert abs(job.acquired_until - expected) < timedelta(seconds=5)
+
+
+async def test_leases_follow_the_server_clock_not_a_skewed_node(started: Any) -> None:
+    """A node whose clock is an hour fast still writes leases on the server's time line."""
+    store, _ = await started(local_clock=FakeClock(skew=timedelta(hours=1)))
+    await assert_a_lease_ends_30_s_from_now(store)
 
 
 async def _faulty_store(backend: Any, plan: FaultPlan, stack: AsyncExitStack) -> Any:
@@ -149,9 +154,4 @@ async def test_leases_ignore_a_wall_clock_step_after_start(started: Any) -> None
     clock = FakeClock()
     store, _ = await started(local_clock=clock, monotonic_clock=time.monotonic)
     clock.offset += timedelta(hours=1)  # the wall clock steps; the monotonic one does not
-    await store.add_task(Task(id="t", func="tests.helpers:noop", job_executor="async"))
-    await store.add_job(Job(task_id="t", executor="async"))
-    [job] = await store.acquire_jobs("node", timedelta(seconds=30), 1)
-    expected = datetime.now(UTC) + timedelta(seconds=30)
-    assert job.acquired_until is not None
-    assert abs(job.acquired_until - expected) < timedelta(seconds=5)
+    await assert_a_lease_ends_30_s_from_now(store)
